@@ -1,0 +1,139 @@
+"""Backend names, availability (with the reason when unavailable) and selection.
+
+Selection order: an explicit ``backend=`` argument, then the innermost
+``with use_backend(...)``, then the ``RESNET_FAST_BACKEND`` environment variable,
+then ``auto``. An explicitly requested backend that cannot run raises
+:class:`BackendUnavailableError` saying why; ``auto`` falls back quietly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+
+from resnet_fast import _extension
+
+BACKENDS = ("reference", "extension", "triton")
+ENV_VAR = "RESNET_FAST_BACKEND"
+
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fast_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on the given device."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+    return name
+
+
+def _device_type(device: Union[str, torch.device, None]) -> str:
+    return torch.device(device if device is not None else "cpu").type
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device: Union[str, torch.device, None] = "cpu") -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else why it cannot (one sentence)."""
+    _check_name(name)
+    device_type = _device_type(device)
+    if device_type not in ("cpu", "cuda"):
+        return f"resnet_fast runs on cpu and cuda devices, not {device_type}"
+    if name in ("reference", "auto"):
+        return None
+    if name == "extension":
+        error = _extension.load_error()
+        if error is not None:
+            return error
+        if device_type == "cuda" and not _extension.has_cuda_kernels():
+            return "resnet_fast._C was built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time)"
+        return None
+    # triton
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device_type == "cpu" and not triton_interpreted():
+        return "the triton backend runs on CUDA devices (on CPU only under TRITON_INTERPRET=1)"
+    if device_type == "cuda" and triton_interpreted():
+        return "TRITON_INTERPRET=1 is set, so Triton kernels run on the CPU only"
+    try:
+        from resnet_fast.ops import triton as triton_ops
+    except Exception as error:  # a broken triton install must not break the other backends
+        return f"the triton kernels failed to import: {type(error).__name__}: {error}"
+    return triton_ops.unavailable_reason()
+
+
+def is_available(name: str, device: Union[str, torch.device, None] = "cpu") -> bool:
+    return unavailable_reason(name, device) is None
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend asked for by argument, context or environment (``auto`` when none)."""
+    if backend is not None:
+        return _check_name(backend)
+    from_context = _context_backend.get()
+    if from_context is not None:
+        return from_context
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        try:
+            return _check_name(from_env.strip().lower())
+        except ValueError as error:
+            raise ValueError(f"{ENV_VAR}={from_env!r}: {error}") from None
+    return "auto"
+
+
+def auto_backend(device: Union[str, torch.device, None]) -> str:
+    """The backend ``auto`` picks for a device: the compiled kernels where they load, else the reference."""
+    if is_available("extension", device):
+        return "extension"
+    return "reference"
+
+
+def resolve(backend: Optional[str], device: Union[str, torch.device, None]) -> str:
+    """The concrete backend to run on ``device``; raises if an explicit request cannot run there."""
+    name = requested_backend(backend)
+    if name == "auto":
+        return auto_backend(device)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available on {_device_type(device)}: {reason}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the enclosed code with backend ``name`` (``reference``, ``extension``, ``triton`` or ``auto``).
+
+    >>> with resnet_fast.use_backend("reference"):
+    ...     out = model(x)
+    """
+    token = _context_backend.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _context_backend.reset(token)
+
+
+def describe() -> list[dict]:
+    """One row per backend and device: availability, reason and whether ``auto`` picks it."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    rows = []
+    for device in devices:
+        chosen = auto_backend(device)
+        for name in BACKENDS:
+            reason = unavailable_reason(name, device)
+            rows.append({"backend": name, "device": device, "available": reason is None,
+                         "reason": reason or "", "auto": name == chosen})
+    return rows

@@ -1,0 +1,207 @@
+"""Functional API of the fused unit ``conv -> BatchNorm -> (+ residual) -> (ReLU)``.
+
+Every backend computes exactly what the stock layers compute::
+
+    y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    out = F.relu(y + residual)
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional, Sequence, Union
+
+import torch
+
+from resnet_fast import backends
+from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
+
+__all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
+           "check_unit_inputs", "backend_module", "momentum_factor"]
+
+_IntOrPair = Union[int, Sequence[int]]
+_MODULES = {"reference": "resnet_fast.ops.reference", "extension": "resnet_fast.ops.extension",
+            "triton": "resnet_fast.ops.triton"}
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (``conv_bias_act`` and ``bn_act_train``)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_unit_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    per_channel: dict[str, Optional[torch.Tensor]],
+    residual: Optional[torch.Tensor],
+    geometry: ConvGeometry,
+) -> tuple[int, ...]:
+    """Validate one fused unit's inputs; return the output shape. Every message names the problem."""
+    for name, t in [("input", x), ("weight", weight)]:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-d (N, C, H, W), got {x.dim()}-d of shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv weight must be 4-d (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match conv weight dtype {weight.dtype}; "
+                        "convert the model or the input (e.g. model.to(x.dtype))")
+    if weight.device != x.device:
+        raise ValueError(f"input is on {x.device} but the conv weight is on {weight.device}")
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    groups = geometry.groups
+    if groups < 1 or out_channels % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide the {out_channels} output channels")
+    if x.shape[1] != in_per_group * groups:
+        raise ValueError(f"input has {x.shape[1]} channels but the conv expects {in_per_group * groups} "
+                         f"(weight {tuple(weight.shape)}, groups={groups})")
+    for name, t in per_channel.items():
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != out_channels:
+            raise ValueError(f"{name} must have shape ({out_channels},) to match the conv's output channels, "
+                             f"got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    sizes = []
+    for dim in (0, 1):
+        k = weight.shape[2 + dim]
+        span = geometry.dilation[dim] * (k - 1) + 1
+        size = (x.shape[2 + dim] + 2 * geometry.padding[dim] - span) // geometry.stride[dim] + 1
+        if size < 1:
+            raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a {k}x{k} kernel "
+                             f"with padding {geometry.padding} and dilation {geometry.dilation}")
+        sizes.append(size)
+    out_shape = (x.shape[0], out_channels, sizes[0], sizes[1])
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but the conv output has shape {out_shape}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but the input is on {x.device}")
+    return out_shape
+
+
+def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[torch.Tensor]) -> float:
+    """The running-stat factor of ``nn.BatchNorm2d``; bumps ``num_batches_tracked`` when given."""
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    if momentum is not None:
+        return float(momentum)
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
+    return 1.0 / float(num_batches_tracked.item())
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    folded: FoldedConv,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Inference unit on an already folded conv: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``."""
+    name = backends.resolve(backend, x.device)
+    if x.shape[0] == 0:
+        name = "reference"  # nothing to compute; the stock ops return the empty result
+    return backend_module(name).conv_bias_act(x, folded, residual, relu)
+
+
+def bn_act_train(
+    y: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Training unit on a conv output ``y``: batch-statistics BatchNorm, ``+ residual``, ReLU.
+
+    Equivalent PyTorch::
+
+        out = F.batch_norm(y, running_mean, running_var, weight, bias, training=True, momentum=momentum, eps=eps)
+        out = F.relu(out + residual)
+    """
+    values_per_channel = y.numel() // max(y.shape[1], 1)
+    if values_per_channel <= 1:
+        raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel, got input of shape "
+                         f"{tuple(y.shape)}")
+    name = backends.resolve(backend, y.device)
+    return backend_module(name).bn_act_train(y, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    *,
+    conv_bias: Optional[torch.Tensor] = None,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+    eps: float = 1e-5,
+    momentum: Optional[float] = 0.1,
+    training: bool = False,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Fused ``Conv2d -> BatchNorm2d -> (+ residual) -> (ReLU)``.
+
+    In training mode (or without running statistics) BatchNorm uses batch
+    statistics and updates ``running_mean``/``running_var`` (and
+    ``num_batches_tracked``) in place exactly as ``nn.BatchNorm2d``; otherwise
+    BatchNorm is folded into the conv.
+
+    Equivalent PyTorch::
+
+        y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
+        y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        out = F.relu(y + residual) if relu else y + residual
+    """
+    geometry = ConvGeometry(pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), int(groups))
+    check_unit_inputs(x, weight, {"conv_bias": conv_bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
+                                  "running_mean": running_mean, "running_var": running_var}, residual, geometry)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if training or running_mean is None:
+        if x.shape[0] == 0:
+            raise ValueError("training-mode BatchNorm needs a non-empty batch, got batch size 0")
+        y = backends_conv(x, weight, conv_bias, geometry)
+        factor = momentum_factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
+        stats = (running_mean, running_var) if training else (None, None)
+        return bn_act_train(y, bn_weight, bn_bias, *stats, factor, eps, residual, relu, backend)
+    folded = fold_conv_bn(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, geometry, x.dtype)
+    return conv_bias_act(x, folded, residual, relu, backend)
+
+
+def backends_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  geometry: ConvGeometry) -> torch.Tensor:
+    """The training conv: the vendor convolution (cuDNN / oneDNN), with its own autograd."""
+    from resnet_fast.ops.reference import conv2d
+
+    return conv2d(x, weight, bias, geometry)

@@ -1,0 +1,58 @@
+"""Schemas of the ``resnet_fast`` ops, defined once, with their fake (meta) kernels.
+
+The compiled extension only adds ``TORCH_LIBRARY_IMPL(resnet_fast, CPU|CUDA, m)``
+kernels for these schemas, so the schemas and fake kernels exist (and
+``torch.compile`` can trace through them) whether or not ``resnet_fast._C`` is built.
+
+Per-channel parameters (``scale``, ``shift``, ``mean``, ``invstd``, ``weight``)
+are float32 vectors of length C; activations keep their dtype and memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "resnet_fast"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+# out = act(y * scale[c] + shift[c] + residual); scale=None means 1.
+_lib.define("bn_act_forward(Tensor y, Tensor? scale, Tensor shift, Tensor? residual, bool relu) -> Tensor")
+# Per-channel mean and biased variance over (N, H, W), accumulated in at least float32.
+_lib.define("batch_stats(Tensor y) -> (Tensor mean, Tensor var)")
+# Backward of out = act(weight * (y - mean) * invstd + bias + residual) with batch statistics.
+# Returns grad_y, grad_weight, grad_bias and grad_residual (empty when residual_grad is False).
+_lib.define(
+    "bn_act_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor invstd, Tensor? weight, "
+    "bool relu, bool residual_grad) -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)"
+)
+
+
+def _channels(y: torch.Tensor) -> int:
+    torch._check(y.dim() >= 2, lambda: f"expected a tensor of at least 2 dimensions (N, C, ...), got {y.dim()}")
+    return y.shape[1]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bn_act_forward")
+def _bn_act_forward_fake(y, scale, shift, residual, relu):
+    _channels(y)
+    return torch.empty_like(y)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::batch_stats")
+def _batch_stats_fake(y):
+    channels = _channels(y)
+    stats = y.new_empty((channels,), dtype=torch.float32)
+    return stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bn_act_backward")
+def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, residual_grad):
+    channels = _channels(y)
+    grad_residual = torch.empty_like(y) if residual_grad else y.new_empty((0,))
+    return (
+        torch.empty_like(y),
+        y.new_empty((channels,), dtype=torch.float32),
+        y.new_empty((channels,), dtype=torch.float32),
+        grad_residual,
+    )

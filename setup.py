@@ -1,0 +1,123 @@
+"""Build script for the ``resnet_fast._C`` extension.
+
+The CPU kernels are always built. The CUDA kernels are built whenever a CUDA
+toolkit and a CUDA build of torch are present, even on a machine with no GPU.
+
+Environment:
+  RESNET_FAST_SKIP_EXTENSION=1   build no extension (pure Python package)
+  RESNET_FAST_BUILD_CUDA=0|1     force the CUDA part off / on (default: auto)
+  TORCH_CUDA_ARCH_LIST           CUDA architectures (default: the visible GPU's, else "9.0+PTX")
+  CUDA_HOME                      CUDA toolkit root (default: detected, /usr/local/cuda preferred)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _find_cuda_home() -> str | None:
+    """A toolkit root whose bin/nvcc is the real compiler.
+
+    ``/usr/local/bin/nvcc`` may be a wrapper script, which makes torch guess
+    ``CUDA_HOME=/usr/local`` and fail at link time, so prefer real roots.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for root in candidates:
+        if root and (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return root
+    return None
+
+
+def _wheel_cuda_include_dirs() -> list[str]:
+    """Headers (cuSPARSE, cuBLAS, ...) that torch's CUDA headers include, shipped in nvidia-* wheels."""
+    dirs = []
+    for site in sys.path:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _default_arch_list(torch) -> str:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    return "9.0+PTX"
+
+
+def _extensions():
+    if _env_flag("RESNET_FAST_SKIP_EXTENSION"):
+        print("resnet_fast: RESNET_FAST_SKIP_EXTENSION set, building without resnet_fast._C")
+        return [], {}
+
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("resnet-fast needs PyTorch to build: install torch first (pip install torch), "
+                 "then pip install --no-build-isolation .")
+
+    want_cuda = _env_flag("RESNET_FAST_BUILD_CUDA")
+    can_cuda = torch.version.cuda is not None and cuda_home is not None
+    if want_cuda and not can_cuda:
+        sys.exit("resnet-fast: RESNET_FAST_BUILD_CUDA=1 but "
+                 + ("torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) was found"))
+    with_cuda = can_cuda if want_cuda is None else want_cuda
+
+    sources = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/cpu/*.cpp"))]
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    include_dirs = [str(ROOT / "csrc")]
+    arch_list = ""
+
+    if with_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or _default_arch_list(torch)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        sources += [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/cuda/*.cu")) + sorted(ROOT.glob("csrc/cuda/*.cpp"))]
+        include_dirs += _wheel_cuda_include_dirs()
+        define_macros.append(("RESNET_FAST_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]}
+        print(f"resnet_fast: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, archs {arch_list})")
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx_flags}
+        print("resnet_fast: building CPU kernels only")
+    # Stringified in C++ (csrc/extension.cpp); no quotes or separators that a shell would split on.
+    define_macros.append(("RESNET_FAST_CUDA_ARCHS", re.sub(r"[;\s]+", ",", arch_list.strip()) or "none"))
+
+    ext = ext_cls(
+        name="resnet_fast._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
