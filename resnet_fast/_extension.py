@@ -6,14 +6,23 @@ one sentence saying why it is not there.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from types import ModuleType
 from typing import Optional
 
 
-@functools.lru_cache(maxsize=None)
+_loaded: Optional[tuple[Optional[ModuleType], Optional[str]]] = None
+
+
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:
+    """(module, None) or (None, reason); tried once per process (a plain global, so torch.compile traces it)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _try_import()
+    return _loaded
+
+
+def _try_import() -> tuple[Optional[ModuleType], Optional[str]]:
     # The op schemas must exist before the library's kernels are registered against them.
     from resnet_fast.ops import _library  # noqa: F401
 
@@ -21,7 +30,7 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
         module = importlib.import_module("resnet_fast._C")
     except ImportError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "No module named" in message:
+        if isinstance(error, ModuleNotFoundError) and error.name == "resnet_fast._C":
             reason = ("resnet_fast._C is not built (install with `pip install --no-build-isolation .`, "
                       "without RESNET_FAST_SKIP_EXTENSION)")
         else:

@@ -94,13 +94,18 @@ def conv_bn_unit(
     if use_batch_stats:
         geometry = geometry_of(conv)
         ops.check_unit_inputs(x, conv.weight, {"bn_weight": bn.weight}, residual, geometry)
-        if x.shape[0] == 0:
-            raise ValueError("training-mode BatchNorm needs a non-empty batch, got batch size 0")
-        y = ops.backends_conv(x, conv.weight, conv.bias, geometry)
+        # Sync-BN (resnet_fast.train.distributed.enable_sync_bn): statistics over all processes.
+        group = bn.__dict__.get("resnet_fast_process_group") if bn.training else None
+        if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from resnet_fast.ops.reference import conv2d
+            from resnet_fast.train.distributed import sync_bn_act_train
+
+            return sync_bn_act_train(conv2d(x, conv.weight, conv.bias, geometry), bn, residual, relu, group)
         update = bn.training and bn.track_running_stats and bn.running_mean is not None
         factor = ops.momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
         stats = (bn.running_mean, bn.running_var) if update else (None, None)
-        return ops.bn_act_train(y, bn.weight, bn.bias, *stats, factor, bn.eps, residual, relu, backend)
+        return ops.conv_bn_act_train(x, conv.weight, conv.bias, geometry, bn.weight, bn.bias, *stats, factor, bn.eps,
+                                     residual, relu, backend)
     folded = folded_conv(conv, bn, x.dtype)
     ops.check_unit_inputs(x, folded.weight, {}, residual, folded.geometry)
     return ops.conv_bias_act(x, folded, residual, relu, backend)

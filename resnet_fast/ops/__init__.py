@@ -19,16 +19,23 @@ from resnet_fast import backends
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
 
 __all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
-           "check_unit_inputs", "backend_module", "momentum_factor"]
+           "conv_bn_act_train", "check_unit_inputs", "backend_module",
+           "momentum_factor"]
 
 _IntOrPair = Union[int, Sequence[int]]
 _MODULES = {"reference": "resnet_fast.ops.reference", "extension": "resnet_fast.ops.extension",
             "triton": "resnet_fast.ops.triton"}
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (``conv_bias_act`` and ``bn_act_train``)."""
-    return importlib.import_module(_MODULES[name])
+    """The module implementing backend ``name`` (``conv_bias_act`` and ``bn_act_train``), imported once."""
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -189,19 +196,50 @@ def conv_bn_act(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if training or running_mean is None:
-        if x.shape[0] == 0:
-            raise ValueError("training-mode BatchNorm needs a non-empty batch, got batch size 0")
-        y = backends_conv(x, weight, conv_bias, geometry)
-        factor = momentum_factor(momentum, num_batches_tracked) if training and running_mean is not None else 0.0
-        stats = (running_mean, running_var) if training else (None, None)
-        return bn_act_train(y, bn_weight, bn_bias, *stats, factor, eps, residual, relu, backend)
+        update = training and running_mean is not None
+        factor = momentum_factor(momentum, num_batches_tracked) if update else 0.0
+        stats = (running_mean, running_var) if update else (None, None)
+        return conv_bn_act_train(x, weight, conv_bias, geometry, bn_weight, bn_bias, *stats, factor, eps, residual,
+                                 relu, backend)
     folded = fold_conv_bn(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, geometry, x.dtype)
     return conv_bias_act(x, folded, residual, relu, backend)
 
 
-def backends_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  geometry: ConvGeometry) -> torch.Tensor:
-    """The training conv: the vendor convolution (cuDNN / oneDNN), with its own autograd."""
+def conv_bn_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    geometry: ConvGeometry,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Training unit from the conv input: conv, batch-statistics BatchNorm, ``+ residual``, ReLU.
+
+    A backend module may provide its own ``conv_bn_act_train`` (e.g. statistics in
+    the conv epilogue); otherwise the conv is the vendor one (cuDNN / oneDNN, with
+    its own autograd) followed by the backend's ``bn_act_train``.
+
+    Equivalent PyTorch::
+
+        y = F.conv2d(x, weight, conv_bias, stride, padding, dilation, groups)
+        out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+        out = F.relu(out + residual)
+    """
+    if x.shape[0] == 0:
+        raise ValueError("training-mode BatchNorm needs a non-empty batch, got batch size 0")
+    name = backends.resolve(backend, x.device)
+    module = backend_module(name)
+    if hasattr(module, "conv_bn_act_train"):
+        return module.conv_bn_act_train(x, weight, conv_bias, geometry, bn_weight, bn_bias, running_mean,
+                                        running_var, momentum, eps, residual, relu)
     from resnet_fast.ops.reference import conv2d
 
-    return conv2d(x, weight, bias, geometry)
+    y = conv2d(x, weight, conv_bias, geometry)
+    return bn_act_train(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu, name)

@@ -1,0 +1,119 @@
+"""``resnet-fast``: bench | train | eval | info."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# (subcommand, module, help); each module provides add_arguments(parser) and run(args) -> int.
+_COMMANDS = [
+    ("bench", "resnet_fast.bench", "time FastResNet against torchvision eager and its peers (the main job)"),
+    ("train", "resnet_fast.train.cli_train", "train a FastResNet (default: the bundled handwritten digits)"),
+    ("eval", "resnet_fast.train.cli_eval", "evaluate a checkpoint: top-1 / top-5 accuracy and images/s"),
+    ("info", "resnet_fast.cli", "show versions, backends (available or why not) and how the extension was built"),
+]
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback unless --debug."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def info_report() -> dict:
+    import platform
+
+    import torch
+
+    from resnet_fast import __version__, _extension, backends
+
+    report = {
+        "resnet_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": None,
+        "extension": _extension.build_info(),
+        "backends": backends.describe(),
+        "requested_backend": None,
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        pass
+    try:
+        report["requested_backend"] = backends.requested_backend()
+    except ValueError as error:
+        report["requested_backend"] = f"invalid: {error}"
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    report = info_report()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+        return 0
+    ext = report["extension"]
+    print(f"resnet_fast {report['resnet_fast']}  python {report['python']}  torch {report['torch']} "
+          f"(CUDA {report['torch_cuda'] or 'none'})  triton {report['triton'] or 'not installed'}")
+    print(f"GPU: {report['gpu'] or 'none visible'}")
+    if ext["loaded"]:
+        kinds = "CPU + CUDA" if ext["cuda"] else "CPU only"
+        archs = f" (archs {ext['cuda_archs']})" if ext["cuda"] else ""
+        print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}")
+    else:
+        print(f"extension resnet_fast._C: not loaded: {ext['error']}")
+    print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")
+    print(f"{'backend':<10} {'device':<6} {'available':<9} note")
+    for row in report["backends"]:
+        note = "chosen by auto" if row["auto"] else row["reason"]
+        print(f"{row['backend']:<10} {row['device']:<6} {'yes' if row['available'] else 'no':<9} {note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resnet-fast",
+        description="ResNets with fused conv + BatchNorm + residual + ReLU kernels. "
+                    "Run `resnet-fast COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in _COMMANDS:
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("resnet-fast: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, FileNotFoundError, NotADirectoryError, ValueError, TypeError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"resnet-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
