@@ -5,7 +5,7 @@ kernels for these schemas, so the schemas and fake kernels exist (and
 ``torch.compile`` can trace through them) whether or not ``resnet_fast._C`` is built.
 
 Per-channel parameters (``scale``, ``shift``, ``mean``, ``invstd``, ``weight``)
-are float32 vectors of length C; activations keep their dtype and memory format.
+are float32 vectors of length C (float64 for float64 activations); activations keep their dtype and memory format.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ _lib.define(
 )
 
 
+def _stats_dtype(y: torch.Tensor) -> torch.dtype:
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
 def _channels(y: torch.Tensor) -> int:
     torch._check(y.dim() >= 2, lambda: f"expected a tensor of at least 2 dimensions (N, C, ...), got {y.dim()}")
     return y.shape[1]
@@ -42,7 +46,7 @@ def _bn_act_forward_fake(y, scale, shift, residual, relu):
 @torch.library.register_fake(f"{NAMESPACE}::batch_stats")
 def _batch_stats_fake(y):
     channels = _channels(y)
-    stats = y.new_empty((channels,), dtype=torch.float32)
+    stats = y.new_empty((channels,), dtype=_stats_dtype(y))
     return stats, torch.empty_like(stats)
 
 
@@ -52,7 +56,7 @@ def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, residual
     grad_residual = torch.empty_like(y) if residual_grad else y.new_empty((0,))
     return (
         torch.empty_like(y),
-        y.new_empty((channels,), dtype=torch.float32),
-        y.new_empty((channels,), dtype=torch.float32),
+        y.new_empty((channels,), dtype=_stats_dtype(y)),
+        y.new_empty((channels,), dtype=_stats_dtype(y)),
         grad_residual,
     )
