@@ -11,20 +11,101 @@ from typing import Optional
 
 import torch
 
+from resnet_fast import _extension
 from resnet_fast.ops import _library  # noqa: F401  (schemas)
 from resnet_fast.ops.folding import FoldedConv
-from resnet_fast.ops.reference import conv2d
+from resnet_fast.ops import reference
 
 _ops = torch.ops.resnet_fast
+# Loading resnet_fast._C registers its CPU/CUDA kernels for the schemas (never raises; see _extension).
+_extension.extension()
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# oneDNN convolution with fused post-ops: what inductor's freezing pass emits on CPU.
+_MKLDNN_OPS = ("_convolution_pointwise", "_reorder_convolution_weight")
+# dtypes whose oneDNN path failed once on this CPU (e.g. bf16 without AVX512-BF16/AVX-NE-CONVERT).
+_mkldnn_unsupported_dtypes: set = set()
+
+
+def _mkldnn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, name) for name in _MKLDNN_OPS)
+
+
+def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The folded weight reordered once into oneDNN's blocked layout, cached in ``folded.packed``.
+
+    A packed weight is valid for any input size (the size only guides oneDNN's choice of layout).
+    Returns None when oneDNN cannot run this dtype on this CPU.
+    """
+    # Keyed on the weight's identity and version too, so an in-place edit can never leave it stale.
+    key = (folded.weight.dtype, folded.weight.data_ptr(), folded.weight._version)
+    cached = folded.packed.get("mkldnn")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if folded.weight.dtype in _mkldnn_unsupported_dtypes:
+        return None
+    g = folded.geometry
+    try:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            folded.weight.detach().contiguous(), list(g.padding), list(g.stride), list(g.dilation), g.groups,
+            list(x.shape))
+    except RuntimeError:
+        _mkldnn_unsupported_dtypes.add(folded.weight.dtype)
+        return None
+    folded.packed["mkldnn"] = (key, packed)
+    return packed
+
+
+def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
+                          relu: bool) -> Optional[torch.Tensor]:
+    """One oneDNN call: conv + bias, then binary ``add`` (residual) and ``relu`` post-ops. None if unsupported."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and folded.weight.dtype == x.dtype and _mkldnn_available()):
+        return None
+    if residual is not None and residual.dtype != x.dtype:
+        return None
+    packed = _mkldnn_packed_weight(folded, x)
+    if packed is None:
+        return None
+    g = folded.geometry
+    x = x.contiguous(memory_format=torch.channels_last)
+    bias = folded.bias.detach().to(x.dtype)
+    geometry = (list(g.padding), list(g.stride), list(g.dilation), g.groups)
+    unary = "relu" if relu else "none"
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, unary, [None], "")
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, packed, bias, *geometry, "add", None, "relu" if relu else None, [None], "")
 
 
 def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    """Inference unit: vendor conv without bias, then one fused pass for bias + residual + ReLU.
+    """Inference unit: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
 
-    Equivalent PyTorch: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
+    Equivalent PyTorch: ``relu(conv2d(x, folded.weight, folded.bias, **geometry) + residual)``.
+
+    * CPU float32 (and bfloat16 where oneDNN supports it on this CPU): one oneDNN
+      convolution with the bias, residual add and ReLU as post-ops, on a weight
+      pre-packed once (cached in ``folded.packed["mkldnn"]``). Channels_last is the
+      working layout: an NCHW input/residual is converted once, and the output is
+      channels_last whatever the input's format (keep activations channels_last
+      to avoid the conversion).
+    * Otherwise (CUDA, other dtypes, no oneDNN): vendor conv without bias, then one
+      fused ``bn_act_forward`` pass for bias + residual + ReLU (output in y's format).
+    * When autograd needs gradients through the unit, the differentiable reference path.
     """
-    y = conv2d(x, folded.weight, None, folded.geometry)
-    return _ops.bn_act_forward(y, None, folded.bias.float(), residual, relu)
+    if _needs_grad(x, folded.weight, folded.bias, residual):
+        return reference.conv_bias_act(x, folded, residual, relu)
+    out = _conv_bias_act_mkldnn(x, folded, residual, relu)
+    if out is not None:
+        return out
+    y = reference.conv2d(x, folded.weight, None, folded.geometry)
+    bias = folded.bias.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    return _ops.bn_act_forward(y, None, bias, residual, relu)
 
 
 @torch.library.custom_op("resnet_fast::bn_act_train", mutates_args=())
@@ -39,16 +120,22 @@ def _bn_act_train(
     """Returns ``(out, batch_mean, batch_var_biased)`` of ``act(batch_norm(y) + residual)``."""
     mean, var = _ops.batch_stats(y)
     invstd = torch.rsqrt(var + eps)
-    scale = invstd if weight is None else weight.float() * invstd
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
+    # Per-channel math in the statistics' dtype (float32; float64 for float64 y, so gradcheck sees full precision).
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
     out = _ops.bn_act_forward(y, scale, shift, residual, relu)
     return out, mean, var
 
 
 @_bn_act_train.register_fake
 def _(y, weight, bias, residual, eps, relu):
-    stats = y.new_empty((y.shape[1],), dtype=torch.float32)
+    stats = y.new_empty((y.shape[1],), dtype=_stats_dtype(y))
     return torch.empty_like(y), stats, torch.empty_like(stats)
+
+
+def _stats_dtype(y: torch.Tensor) -> torch.dtype:
+    """Per-channel statistics are float32, float64 for float64 activations (the kernels' accumulation type)."""
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):
@@ -67,7 +154,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     need_residual = ctx.has_residual and ctx.needs_input_grad[3]
     grad_y, grad_weight, grad_bias, grad_residual = _ops.bn_act_backward(
         grad_out.contiguous(memory_format=_memory_format(y)), out, y, mean, invstd,
-        None if weight is None else weight.float(), ctx.relu, need_residual)
+        None if weight is None else weight.to(invstd.dtype), ctx.relu, need_residual)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (
         grad_y,

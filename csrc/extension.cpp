@@ -1,0 +1,39 @@
+// Python module of resnet_fast._C. The op kernels register themselves with the
+// dispatcher (TORCH_LIBRARY_IMPL in cpu/ and cuda/) when the library is loaded;
+// this file only exposes how the library was built.
+#include <torch/extension.h>
+
+// Variadic so that an architecture list with commas ("8.0,9.0+PTX") stays one string.
+#define RESNET_FAST_STRINGIFY_IMPL(...) #__VA_ARGS__
+#define RESNET_FAST_STRINGIFY(...) RESNET_FAST_STRINGIFY_IMPL(__VA_ARGS__)
+
+#ifndef RESNET_FAST_CUDA_ARCHS
+#define RESNET_FAST_CUDA_ARCHS none
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu"] = true;
+#ifdef RESNET_FAST_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(RESNET_FAST_STRINGIFY(RESNET_FAST_CUDA_ARCHS));
+#if defined(__AVX2__) && defined(__FMA__)
+  info["cpu_isa"] = std::string("avx2+fma");
+#else
+  info["cpu_isa"] = std::string("baseline");
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resnet_fast compiled kernels: bn_act_forward, batch_stats, bn_act_backward (torch.ops.resnet_fast)";
+  m.def("build_info", &build_info,
+        "How the extension was built: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, 'cpu_isa': str}");
+}
