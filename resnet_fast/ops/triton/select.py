@@ -1,0 +1,150 @@
+"""Per-layer choice between the Triton fused conv and the vendor (cuDNN) conv + Triton epilogue.
+
+Each distinct layer (device, dtype, input shape and layout, weight shape,
+geometry, residual/ReLU, inference or training) is timed once on CUDA with both
+candidates; the faster one is remembered in memory and in
+``~/.cache/resnet_fast/triton_select.json`` (``RESNET_FAST_CACHE_DIR`` moves it;
+an unwritable cache is ignored). Nothing is ever chosen by guess: where timing
+is impossible (CPU, the interpreter, ``torch.compile`` tracing, CUDA graph
+capture) the Triton kernel runs, since that is the backend the caller asked for.
+
+``RESNET_FAST_TRITON_SELECT=triton|vendor`` pins one candidate (tests, benchmarks
+of one path); ``measure`` (default) times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from resnet_fast.ops.triton import _common
+
+MODE_ENV = "RESNET_FAST_TRITON_SELECT"
+CACHE_DIR_ENV = "RESNET_FAST_CACHE_DIR"
+DEFAULT_CANDIDATE = "triton"
+
+_winners: dict[str, str] = {}
+_timings: dict[str, dict[str, float]] = {}
+_disk: Optional[dict[str, str]] = None
+_lock = threading.Lock()
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "resnet_fast")
+    return Path(root) / "triton_select.json"
+
+
+def _version_tag() -> str:
+    import triton
+
+    return f"torch {torch.__version__} triton {triton.__version__}"
+
+
+def _load_disk() -> dict[str, str]:
+    global _disk
+    if _disk is None:
+        _disk = {}
+        try:
+            saved = json.loads(cache_path().read_text())
+            if saved.get("versions") == _version_tag():  # other versions time differently
+                _disk = dict(saved.get("winners", {}))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return _disk
+
+
+def _save_disk() -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"versions": _version_tag(), "winners": _load_disk()}, indent=1))
+        temporary.replace(path)
+    except OSError:
+        pass
+
+
+def _cannot_time(device: torch.device) -> bool:
+    if device.type != "cuda" or _common.interpreted():
+        return True
+    if hasattr(torch, "compiler") and torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_current_stream_capturing()
+
+
+def layer_key(kind: str, x: torch.Tensor, weight: torch.Tensor, geometry, has_residual: bool, relu: bool) -> str:
+    """Identifies a layer for the choice: everything the speed of either candidate depends on."""
+    layout = "nhwc" if _common.memory_format_of(x) == torch.channels_last else "nchw"
+    return (f"{kind}|{torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type}|"
+            f"{str(x.dtype).replace('torch.', '')}|x{tuple(x.shape)}|{layout}|w{tuple(weight.shape)}|"
+            f"s{tuple(geometry.stride)}p{tuple(geometry.padding)}d{tuple(geometry.dilation)}g{geometry.groups}|"
+            f"res{int(has_residual)}|relu{int(relu)}|tf32{int(torch.backends.cuda.matmul.allow_tf32)}")
+
+
+def _time_ms(fn: Callable[[], object], repeats: int = 3, iterations: int = 10) -> float:
+    """Best-of-``repeats`` mean time of ``fn`` in milliseconds (after warm-up, which also autotunes)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iterations):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / iterations)
+    return best
+
+
+def choose(key: str, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The name of the faster candidate for layer ``key`` (measured once, then cached).
+
+    Candidates must be free of side effects (no running-stat updates): they are run
+    several times while timing.
+    """
+    mode = os.environ.get(MODE_ENV, "measure").strip().lower()
+    if mode in candidates:
+        return mode
+    if mode != "measure":
+        raise ValueError(f"{MODE_ENV}={mode!r}: expected measure, {' or '.join(candidates)}")
+    if _cannot_time(device):
+        return DEFAULT_CANDIDATE
+    with _lock:
+        winner = _winners.get(key) or _load_disk().get(key)
+        if winner in candidates:
+            _winners[key] = winner
+            return winner
+        with torch.no_grad():
+            timings = {name: _time_ms(fn) for name, fn in candidates.items()}
+        winner = min(timings, key=timings.get)
+        _winners[key] = winner
+        _timings[key] = timings
+        _load_disk()[key] = winner
+        _save_disk()
+        return winner
+
+
+def measured() -> dict[str, dict[str, float]]:
+    """Timings (ms) of the layers measured in this process, per candidate: for reports and benchmarks."""
+    return {key: dict(value) for key, value in _timings.items()}
+
+
+def clear(disk: bool = False) -> None:
+    """Forget the choices made in this process (and the on-disk cache when ``disk``)."""
+    global _disk
+    with _lock:
+        _winners.clear()
+        _timings.clear()
+        _disk = None
+        if disk:
+            try:
+                cache_path().unlink()
+            except OSError:
+                pass
