@@ -221,3 +221,20 @@ def test_unsupported_configurations_are_rejected():
         resnet_fast.FastResNet.from_torchvision(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown backend"):
         resnet_fast.resnet18(backend="cudnn")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_bf16_follows_stock(backend):
+    """Under torch.autocast the units compute in bf16 like stock convs, and training steps run."""
+    tv, fast = _pair("resnet18")
+    fast.set_backend(backend)
+    x = _input(batch=2, size=32)
+    for mode in ("eval", "train"):
+        tv.train(mode == "train"), fast.train(mode == "train")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, stock = fast(x), tv(x)
+        ref64 = copy.deepcopy(tv).double().train(mode == "train")(x.double())
+        assert_tolerance(out.float(), ref64, stock.float(), f"autocast {mode} logits")
+        if mode == "train":
+            out.float().sum().backward()
+            assert all(p.grad is not None for p in fast.parameters())

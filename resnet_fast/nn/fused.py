@@ -90,21 +90,22 @@ def conv_bn_unit(
         out = bn(conv(x))
         out = torch.relu(out + residual) if relu else out + residual
     """
+    x, weight, conv_bias, residual = ops.autocast_inputs(x, conv.weight, conv.bias, residual)
     use_batch_stats = bn.training or not bn.track_running_stats or bn.running_mean is None
     if use_batch_stats:
         geometry = geometry_of(conv)
-        ops.check_unit_inputs(x, conv.weight, {"bn_weight": bn.weight}, residual, geometry)
+        ops.check_unit_inputs(x, weight, {"bn_weight": bn.weight}, residual, geometry)
         # Sync-BN (resnet_fast.train.distributed.enable_sync_bn): statistics over all processes.
         group = bn.__dict__.get("resnet_fast_process_group") if bn.training else None
         if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             from resnet_fast.ops.reference import conv2d
             from resnet_fast.train.distributed import sync_bn_act_train
 
-            return sync_bn_act_train(conv2d(x, conv.weight, conv.bias, geometry), bn, residual, relu, group)
+            return sync_bn_act_train(conv2d(x, weight, conv_bias, geometry), bn, residual, relu, group)
         update = bn.training and bn.track_running_stats and bn.running_mean is not None
         factor = ops.momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
         stats = (bn.running_mean, bn.running_var) if update else (None, None)
-        return ops.conv_bn_act_train(x, conv.weight, conv.bias, geometry, bn.weight, bn.bias, *stats, factor, bn.eps,
+        return ops.conv_bn_act_train(x, weight, conv_bias, geometry, bn.weight, bn.bias, *stats, factor, bn.eps,
                                      residual, relu, backend)
     folded = folded_conv(conv, bn, x.dtype)
     ops.check_unit_inputs(x, folded.weight, {}, residual, folded.geometry)

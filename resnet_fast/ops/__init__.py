@@ -19,7 +19,7 @@ from resnet_fast import backends
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
 
 __all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
-           "conv_bn_act_train", "check_unit_inputs", "backend_module",
+           "conv_bn_act_train", "check_unit_inputs", "autocast_dtype", "autocast_inputs", "backend_module",
            "momentum_factor"]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -101,6 +101,33 @@ def check_unit_inputs(
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but the input is on {x.device}")
     return out_shape
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs convolutions in on ``x``'s device, or None when autocast is off."""
+    if not x.is_floating_point():
+        return None
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if enabled else None
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        dtype = (torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()) \
+            if enabled else None
+    return dtype
+
+
+def autocast_inputs(
+    x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor], residual: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Under ``torch.autocast``, the conv operands and the residual in the autocast dtype (as stock conv does);
+    BatchNorm parameters and statistics stay in their own dtype."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return x, weight, conv_bias, residual
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return cast(x), cast(weight), cast(conv_bias), cast(residual)
 
 
 def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[torch.Tensor]) -> float:
@@ -191,6 +218,8 @@ def conv_bn_act(
         out = F.relu(y + residual) if relu else y + residual
     """
     geometry = ConvGeometry(pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), int(groups))
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        x, weight, conv_bias, residual = autocast_inputs(x, weight, conv_bias, residual)
     check_unit_inputs(x, weight, {"conv_bias": conv_bias, "bn_weight": bn_weight, "bn_bias": bn_bias,
                                   "running_mean": running_mean, "running_var": running_var}, residual, geometry)
     if (running_mean is None) != (running_var is None):
