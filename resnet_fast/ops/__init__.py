@@ -105,9 +105,9 @@ def check_unit_inputs(
 
 def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype ``torch.autocast`` runs convolutions in on ``x``'s device, or None when autocast is off."""
-    if not x.is_floating_point():
-        return None
     device_type = x.device.type
+    if not x.is_floating_point() or device_type not in ("cpu", "cuda"):
+        return None
     try:
         enabled = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if enabled else None
