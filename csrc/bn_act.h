@@ -30,9 +30,11 @@ RESNET_FAST_HOST_DEVICE inline acc_t bn_act_apply(acc_t y, acc_t scale, acc_t sh
 
 // Gradient reaching the pre-activation: grad_out * (out > 0) for ReLU, grad_out otherwise.
 // Same rule as torch's threshold_backward (out <= 0 -> 0).
+// Written as a select on a compare so compilers emit a blend, not a branch (signs are random).
 template <bool kRelu, typename acc_t>
 RESNET_FAST_HOST_DEVICE inline acc_t bn_act_masked_grad(acc_t grad_out, acc_t out) {
-  return (kRelu && !(out > acc_t(0))) ? acc_t(0) : grad_out;
+  if (!kRelu) return grad_out;
+  return out > acc_t(0) ? grad_out : acc_t(0);
 }
 
 // Running (count, mean, M2) of Welford's algorithm; merged with Chan et al.'s formula.

@@ -293,36 +293,34 @@ std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& y_in) {
 // bn_act_backward
 
 // Adds sum(g) and sum(g * (y - mean)) of a contiguous run (g = masked grad) to fp64 totals,
-// writing g to grad_residual when it is not null.
-template <typename T, typename acc_t, bool kRelu>
-inline void accumulate_grad_run(const T* grad_out, const T* out, const T* y, T* grad_residual, int64_t n, acc_t mean,
-                                double& sum_g, double& sum_gy) {
+// writing g to grad_residual when it is not null. Lanes sum kFlushPerLane values in acc_t
+// (vector registers) before flushing into fp64; __restrict__ and one loop body (mask, sums,
+// store) keep the loop branch-free and vectorised.
+template <typename T, typename acc_t, bool kRelu, bool kStoreResidual>
+inline void accumulate_grad_run(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ y,
+                                T* __restrict__ grad_residual, int64_t n, acc_t mean, double& sum_g,
+                                double& sum_gy) {
   int64_t i = 0;
   while (i < n) {
     const int64_t block_end = std::min(n, i + kFlushPerLane * kLanes);
-    double lane_g[kLanes] = {}, lane_gy[kLanes] = {};
+    acc_t lane_g[kLanes] = {}, lane_gy[kLanes] = {};
     for (; i + kLanes <= block_end; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
         const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i + j]), static_cast<acc_t>(out[i + j]));
         lane_g[j] += g;
         lane_gy[j] += g * (static_cast<acc_t>(y[i + j]) - mean);
-      }
-      if (grad_residual != nullptr) {
-        for (int j = 0; j < kLanes; ++j) {
-          grad_residual[i + j] = static_cast<T>(
-              bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i + j]), static_cast<acc_t>(out[i + j])));
-        }
+        if (kStoreResidual) grad_residual[i + j] = static_cast<T>(g);
       }
     }
     for (; i < block_end; ++i) {
       const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
       lane_g[0] += g;
       lane_gy[0] += g * (static_cast<acc_t>(y[i]) - mean);
-      if (grad_residual != nullptr) grad_residual[i] = static_cast<T>(g);
+      if (kStoreResidual) grad_residual[i] = static_cast<T>(g);
     }
     for (int j = 0; j < kLanes; ++j) {
-      sum_g += lane_g[j];
-      sum_gy += lane_gy[j];
+      sum_g += static_cast<double>(lane_g[j]);
+      sum_gy += static_cast<double>(lane_gy[j]);
     }
   }
 }
@@ -330,8 +328,9 @@ inline void accumulate_grad_run(const T* grad_out, const T* out, const T* y, T* 
 // grad_y over a contiguous run of one channel; g comes from grad_residual when it was written
 // (one read instead of two), otherwise it is recomputed from grad_out and out.
 template <typename T, typename acc_t, bool kRelu>
-inline void grad_y_run(const T* grad_out, const T* out, const T* grad_residual, const T* y, T* grad_y, int64_t n,
-                       const BnBackwardCoefs<acc_t>& coefs, acc_t mean) {
+inline void grad_y_run(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ grad_residual,
+                       const T* __restrict__ y, T* __restrict__ grad_y, int64_t n, const BnBackwardCoefs<acc_t>& coefs,
+                       acc_t mean) {
   if (grad_residual != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
       grad_y[i] = static_cast<T>(
@@ -358,9 +357,13 @@ void bn_act_backward_kernel(const T* grad_out, const T* out, const T* y, const a
         double sum_g = 0.0, sum_gy = 0.0;
         for (int64_t n = 0; n < batch; ++n) {
           const int64_t base = (n * channels + c) * spatial;
-          accumulate_grad_run<T, acc_t, kRelu>(grad_out + base, out + base, y + base,
-                                               grad_residual ? grad_residual + base : nullptr, spatial, mean[c], sum_g,
-                                               sum_gy);
+          if (grad_residual != nullptr) {
+            accumulate_grad_run<T, acc_t, kRelu, true>(grad_out + base, out + base, y + base, grad_residual + base,
+                                                       spatial, mean[c], sum_g, sum_gy);
+          } else {
+            accumulate_grad_run<T, acc_t, kRelu, false>(grad_out + base, out + base, y + base, nullptr, spatial,
+                                                        mean[c], sum_g, sum_gy);
+          }
         }
         grad_bias[c] = static_cast<acc_t>(sum_g);
         grad_weight[c] = static_cast<acc_t>(sum_gy * static_cast<double>(invstd[c]));
@@ -381,37 +384,42 @@ void bn_act_backward_kernel(const T* grad_out, const T* out, const T* y, const a
   const int64_t chunks = reduction_chunks(rows, channels);
   std::vector<double> chunk_g(chunks * channels, 0.0), chunk_gy(chunks * channels, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<double> block_g(channels), block_gy(channels);
+    std::vector<acc_t> block_g(channels), block_gy(channels);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
       double* total_g = chunk_g.data() + chunk * channels;
       double* total_gy = chunk_gy.data() + chunk * channels;
       for (int64_t block = row_begin; block < row_end; block += kFlushPerLane) {
-        std::fill(block_g.begin(), block_g.end(), 0.0);
-        std::fill(block_gy.begin(), block_gy.end(), 0.0);
-        double* __restrict__ bg = block_g.data();
-        double* __restrict__ bgy = block_gy.data();
+        std::fill(block_g.begin(), block_g.end(), acc_t(0));
+        std::fill(block_gy.begin(), block_gy.end(), acc_t(0));
+        acc_t* __restrict__ bg = block_g.data();
+        acc_t* __restrict__ bgy = block_gy.data();
         const int64_t block_end = std::min(row_end, block + kFlushPerLane);
         for (int64_t row = block; row < block_end; ++row) {
           const int64_t base = row * channels;
           const T* __restrict__ gp = grad_out + base;
           const T* __restrict__ op = out + base;
           const T* __restrict__ yp = y + base;
-          for (int64_t c = 0; c < channels; ++c) {
-            const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
-            bg[c] += g;
-            bgy[c] += g * (static_cast<acc_t>(yp[c]) - mean[c]);
-          }
+          const acc_t* __restrict__ mp = mean;
           if (grad_residual != nullptr) {
             T* __restrict__ rp = grad_residual + base;
             for (int64_t c = 0; c < channels; ++c) {
-              rp[c] = static_cast<T>(bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c])));
+              const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
+              bg[c] += g;
+              bgy[c] += g * (static_cast<acc_t>(yp[c]) - mp[c]);
+              rp[c] = static_cast<T>(g);
+            }
+          } else {
+            for (int64_t c = 0; c < channels; ++c) {
+              const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
+              bg[c] += g;
+              bgy[c] += g * (static_cast<acc_t>(yp[c]) - mp[c]);
             }
           }
         }
         for (int64_t c = 0; c < channels; ++c) {
-          total_g[c] += bg[c];
-          total_gy[c] += bgy[c];
+          total_g[c] += static_cast<double>(bg[c]);
+          total_gy[c] += static_cast<double>(bgy[c]);
         }
       }
     }
