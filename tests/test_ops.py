@@ -227,3 +227,11 @@ def test_selection_order_argument_context_environment(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="RESNET_FAST_BACKEND='fastest'"):
         backends.requested_backend()
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension", "triton"])
+def test_one_value_per_channel_is_rejected_by_every_backend(backend):
+    if not backends.is_available(backend, "cpu"):
+        pytest.skip(f"{backend}: {backends.unavailable_reason(backend, 'cpu')}")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        _call(training=True, x=torch.randn(1, 13, 1, 1), residual=None, padding=1, stride=2, backend=backend)

@@ -42,6 +42,23 @@ def _describe(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
+def conv_output_shape(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> tuple[int, int, int, int]:
+    """(N, C_out, H_out, W_out) of ``F.conv2d(x, weight, ...)`` with ``geometry``."""
+    sizes = []
+    for dim in (0, 1):
+        span = geometry.dilation[dim] * (weight.shape[2 + dim] - 1) + 1
+        sizes.append((x.shape[2 + dim] + 2 * geometry.padding[dim] - span) // geometry.stride[dim] + 1)
+    return (x.shape[0], weight.shape[0], sizes[0], sizes[1])
+
+
+def _check_batch_statistics(shape: Sequence[int]) -> None:
+    """Training-mode BatchNorm needs more than one value per channel, as ``F.batch_norm`` insists."""
+    values_per_channel = shape[0] * shape[2] * shape[3]
+    if values_per_channel <= 1:
+        raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel, got input of shape "
+                         f"{tuple(shape)}")
+
+
 def check_unit_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -81,16 +98,11 @@ def check_unit_inputs(
             raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    sizes = []
-    for dim in (0, 1):
-        k = weight.shape[2 + dim]
-        span = geometry.dilation[dim] * (k - 1) + 1
-        size = (x.shape[2 + dim] + 2 * geometry.padding[dim] - span) // geometry.stride[dim] + 1
-        if size < 1:
-            raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a {k}x{k} kernel "
-                             f"with padding {geometry.padding} and dilation {geometry.dilation}")
-        sizes.append(size)
-    out_shape = (x.shape[0], out_channels, sizes[0], sizes[1])
+    out_shape = conv_output_shape(x, weight, geometry)
+    if min(out_shape[2:]) < 1:
+        raise ValueError(f"input spatial size {tuple(x.shape[2:])} is too small for a "
+                         f"{weight.shape[2]}x{weight.shape[3]} kernel with padding {geometry.padding} "
+                         f"and dilation {geometry.dilation}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
@@ -175,10 +187,7 @@ def bn_act_train(
         out = F.batch_norm(y, running_mean, running_var, weight, bias, training=True, momentum=momentum, eps=eps)
         out = F.relu(out + residual)
     """
-    values_per_channel = y.numel() // max(y.shape[1], 1)
-    if values_per_channel <= 1:
-        raise ValueError(f"training-mode BatchNorm needs more than 1 value per channel, got input of shape "
-                         f"{tuple(y.shape)}")
+    _check_batch_statistics(y.shape)
     name = backends.resolve(backend, y.device)
     return backend_module(name).bn_act_train(y, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
 
@@ -263,6 +272,7 @@ def conv_bn_act_train(
     """
     if x.shape[0] == 0:
         raise ValueError("training-mode BatchNorm needs a non-empty batch, got batch size 0")
+    _check_batch_statistics(conv_output_shape(x, weight, geometry))
     name = backends.resolve(backend, x.device)
     module = backend_module(name)
     if hasattr(module, "conv_bn_act_train"):
