@@ -19,7 +19,8 @@ from resnet_fast import backends
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
 
 __all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
-           "conv_bn_act_train", "check_unit_inputs", "autocast_dtype", "autocast_inputs", "backend_module",
+           "conv_bn_act_train", "check_unit_inputs", "autocast_dtype", "autocast_inputs",
+           "update_running_stats", "backend_module",
            "momentum_factor"]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -152,6 +153,23 @@ def momentum_factor(momentum: Optional[float], num_batches_tracked: Optional[tor
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked")
     return 1.0 / float(num_batches_tracked.item())
+
+
+def update_running_stats(
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, variance unbiased, as ``nn.BatchNorm2d``."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        unbiased = batch_var * (count / max(count - 1, 1))
+        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def conv_bias_act(

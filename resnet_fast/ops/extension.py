@@ -13,6 +13,7 @@ import torch
 
 from resnet_fast import _extension
 from resnet_fast.ops import _library  # noqa: F401  (schemas)
+from resnet_fast.ops import update_running_stats
 from resnet_fast.ops.folding import FoldedConv
 from resnet_fast.ops import reference
 
@@ -173,23 +174,6 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-def update_running_stats(
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """``running = (1 - momentum) * running + momentum * batch``, variance unbiased, as ``nn.BatchNorm2d``."""
-    if running_mean is None or running_var is None:
-        return
-    with torch.no_grad():
-        unbiased = batch_var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def bn_act_train(

@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from resnet_fast.ops import update_running_stats
+
 __all__ = ["DistributedContext", "init_from_env", "enable_sync_bn", "disable_sync_bn", "sync_bn_act_train", "sum_across",
            "SYNC_BN_ATTR"]
 
@@ -127,11 +129,7 @@ class _SyncBNAct(torch.autograd.Function):
         mean, var = mean64.float(), var64.float()
         invstd = torch.rsqrt(var + eps)
 
-        if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                unbiased = var64 * (count / (count - 1))
-                running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean64, var64, count, momentum)
 
         shape = [1, channels] + [1] * (y.dim() - 2)
         scale = invstd if weight is None else invstd * weight.float()

@@ -36,7 +36,7 @@ except Exception as error:  # noqa: BLE001 - any broken install is reported, not
 
 if _IMPORT_ERROR is None:
     try:
-        from resnet_fast.ops.extension import update_running_stats
+        from resnet_fast.ops import update_running_stats
         from resnet_fast.ops.triton import _common, bn_act, bn_stats, conv, select
     except Exception as error:  # noqa: BLE001
         _IMPORT_ERROR = f"the Triton kernels failed to load ({type(error).__name__}: {error})"
