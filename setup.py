@@ -8,7 +8,7 @@ Environment:
   RESNET_FAST_BUILD_CUDA=0|1     force the CUDA part off / on (default: auto)
   TORCH_CUDA_ARCH_LIST           CUDA architectures (default: the visible GPU's, else "9.0+PTX")
   CUDA_HOME                      CUDA toolkit root (default: detected, /usr/local/cuda preferred)
-  RESNET_FAST_CPU_AVX2=0|1       compile the CPU kernels for AVX2+FMA (default: on for x86-64 build
+  RESNET_FAST_CPU_AVX2=0|1       compile the CPU kernels for AVX2+FMA+F16C (default: on for x86-64 build
                                  machines whose CPU has them; the built library then needs AVX2)
 """
 
@@ -59,20 +59,26 @@ def _wheel_cuda_include_dirs() -> list[str]:
 
 
 def _cpu_vector_flags() -> list[str]:
-    """``-mavx2 -mfma`` for the CPU kernels' vectorised loops, when the build machine has them."""
+    """Compiler flags selecting at::vec's implementation for the CPU kernels.
+
+    AVX2+FMA+F16C (``-mavx2 -mfma -mf16c`` and ATen's ``CPU_CAPABILITY=AVX2`` macros, the same ones
+    ATen's own AVX2 kernels are built with) when the build machine has them; otherwise
+    at::vec's portable ``DEFAULT`` implementation.
+    """
+    portable = ["-DCPU_CAPABILITY=DEFAULT"]
     import platform
 
     wanted = _env_flag("RESNET_FAST_CPU_AVX2")
     if wanted is False or platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
+        return portable
     if wanted is None:
         try:
             flags = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return []
-        if not (re.search(r"\bavx2\b", flags) and re.search(r"\bfma\b", flags)):
-            return []
-    return ["-mavx2", "-mfma"]
+            return portable
+        if not all(re.search(rf"\b{feature}\b", flags) for feature in ("avx2", "fma", "f16c")):
+            return portable
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def _default_arch_list(torch) -> str:
@@ -106,7 +112,8 @@ def _extensions():
     with_cuda = can_cuda if want_cuda is None else want_cuda
 
     sources = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-fvisibility=hidden"] + _cpu_vector_flags()
+    # at::vec headers carry CUDA-style `#pragma unroll`s that GCC ignores (and would warn about, per loop).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_vector_flags()
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     include_dirs = [str(ROOT / "csrc")]
     arch_list = ""

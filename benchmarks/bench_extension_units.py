@@ -7,7 +7,8 @@
   ``Conv2d -> BatchNorm2d(eval) -> += identity -> relu_``, conv3x3 C->C at 64@56, 128@28,
   256@14, 512@7. Inputs are NCHW and the unit's conversion to channels_last is timed.
 
-Prints the median time of each and the ratio stock/fused per shape and as a geometric mean.
+Prints the median time of each (stock and fused timed in alternation, so both see the same
+machine load) and the ratio stock/fused per shape and as a geometric mean.
 
     python benchmarks/bench_extension_units.py [--threads 2] [--batch 8] [--repeats 7] [--layout nchw|cl]
 """
@@ -29,15 +30,18 @@ TRAIN_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 INFER_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+def median_seconds_interleaved(stock, fused, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median time of each, timed in alternation so that both see the same machine load."""
     for _ in range(warmup):
-        fn()
-    times = []
+        stock()
+        fused()
+    times = {stock: [], fused: []}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn in (stock, fused):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return statistics.median(times[stock]), statistics.median(times[fused])
 
 
 def geometric_mean(values) -> float:
@@ -56,18 +60,26 @@ def bench_training(batch: int, repeats: int, memory_format: torch.memory_format,
         bn = nn.BatchNorm2d(channels).to(dtype).train()
         running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
 
+        # Gradients are set to None before each step, as optimizer.zero_grad() does by default: a
+        # training step writes fresh gradients rather than accumulating into the previous step's.
+        leaves = (y, identity, bn.weight, bn.bias)
+
         def stock():
+            for leaf in leaves:
+                leaf.grad = None
             out = bn(y)
             out += identity
             out = torch.relu_(out)
             out.backward(grad)
 
         def fused():
+            for leaf in leaves:
+                leaf.grad = None
             out = extension.bn_act_train(y, bn.weight, bn.bias, running_mean, running_var, 0.1, bn.eps, identity,
                                          True)
             out.backward(grad)
 
-        t_stock, t_fused = median_seconds(stock, repeats), median_seconds(fused, repeats)
+        t_stock, t_fused = median_seconds_interleaved(stock, fused, repeats)
         ratios.append(t_stock / t_fused)
         print(f"  C={channels:5d} {size:3d}x{size:<3d}  stock {t_stock * 1e3:8.2f} ms  fused {t_fused * 1e3:8.2f} ms"
               f"  ratio {ratios[-1]:.2f}x")
@@ -103,7 +115,7 @@ def bench_inference(batch: int, repeats: int, input_format: torch.memory_format,
             return extension.conv_bias_act(x, folded, identity, True)
 
         torch.testing.assert_close(fused(), stock(), rtol=1e-3, atol=1e-3)
-        t_stock, t_fused = median_seconds(stock, repeats), median_seconds(fused, repeats)
+        t_stock, t_fused = median_seconds_interleaved(stock, fused, repeats)
         ratios.append(t_stock / t_fused)
         print(f"  C={channels:4d} {size:3d}x{size:<3d}  stock {t_stock * 1e3:8.2f} ms  fused {t_fused * 1e3:8.2f} ms"
               f"  ratio {ratios[-1]:.2f}x")

@@ -5,6 +5,7 @@
 // the .cu file that includes this must stay cheap to compile.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -15,26 +16,28 @@
 
 namespace resnet_fast {
 
-// ReLU that propagates NaN like torch.relu (NaN < 0 is false, so NaN passes through).
-template <typename acc_t>
-RESNET_FAST_HOST_DEVICE inline acc_t relu_keep_nan(acc_t v) {
-  return v < acc_t(0) ? acc_t(0) : v;
-}
+// The two lane-wise selects of the math below; everything else is plain arithmetic. Scalar
+// rules here; the CPU kernels specialise LaneSelect for at::vec::Vectorized, so the same
+// formulas run on whole vectors there and on single elements on the GPU.
+template <typename V>
+struct LaneSelect {
+  // torch.relu, NaN propagating (NaN < 0 is false, so NaN passes through).
+  RESNET_FAST_HOST_DEVICE static V relu_keep_nan(V v) { return v < V(0) ? V(0) : v; }
+  // torch's threshold_backward at 0: the grad where out > 0 or out is NaN, else 0 (out <= 0 -> 0).
+  RESNET_FAST_HOST_DEVICE static V grad_where_positive(V grad, V out) { return out <= V(0) ? V(0) : grad; }
+};
 
 // Forward element: torch.relu(y * scale[c] + shift[c] + residual) (relu optional).
 template <bool kRelu, typename acc_t>
 RESNET_FAST_HOST_DEVICE inline acc_t bn_act_apply(acc_t y, acc_t scale, acc_t shift, acc_t residual) {
   const acc_t v = y * scale + shift + residual;
-  return kRelu ? relu_keep_nan(v) : v;
+  return kRelu ? LaneSelect<acc_t>::relu_keep_nan(v) : v;
 }
 
 // Gradient reaching the pre-activation: grad_out * (out > 0) for ReLU, grad_out otherwise.
-// Same rule as torch's threshold_backward (out <= 0 -> 0).
-// Written as a select on a compare so compilers emit a blend, not a branch (signs are random).
 template <bool kRelu, typename acc_t>
 RESNET_FAST_HOST_DEVICE inline acc_t bn_act_masked_grad(acc_t grad_out, acc_t out) {
-  if (!kRelu) return grad_out;
-  return out > acc_t(0) ? grad_out : acc_t(0);
+  return kRelu ? LaneSelect<acc_t>::grad_where_positive(grad_out, out) : grad_out;
 }
 
 // Running (count, mean, M2) of Welford's algorithm; merged with Chan et al.'s formula.
@@ -92,6 +95,21 @@ RESNET_FAST_HOST_DEVICE inline WelfordState<acc_t> welford_from_shifted_sums(dou
 template <typename acc_t>
 RESNET_FAST_HOST_DEVICE inline acc_t welford_biased_var(const WelfordState<acc_t>& s) {
   return s.count > acc_t(0) ? s.m2 / s.count : acc_t(0);
+}
+
+// BatchNorm with batch statistics as one multiply-add per element, y * scale + shift:
+//   scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+template <typename acc_t>
+struct BnAffine {
+  acc_t scale;
+  acc_t shift;
+};
+
+template <typename acc_t>
+RESNET_FAST_HOST_DEVICE inline BnAffine<acc_t> bn_train_affine(acc_t mean, acc_t var, acc_t weight, acc_t bias,
+                                                               acc_t eps) {
+  const acc_t scale = weight / std::sqrt(var + eps);
+  return BnAffine<acc_t>{scale, bias - mean * scale};
 }
 
 // Per-channel coefficients of the BatchNorm backward with batch statistics.

@@ -157,6 +157,59 @@ def test_batch_stats_constant_channel_has_zero_variance():
 
 
 # ------------------------------------------------------------------------------------------
+# bn_act_train_forward (statistics + normalisation + residual + ReLU in one op)
+
+# Large enough that the reductions flush their fp32 partials into fp64 several times per channel.
+FLUSHING_SHAPE = (2, 19, 40, 41)
+
+
+def _check_train_forward(device, dtype, shape, layout, with_affine, with_residual, relu, offset=0.0):
+    eps = 1e-5
+    y, y64 = _activation(shape, dtype, layout, device, offset=offset)
+    weight, weight64 = _channel_vector(shape[1], device, positive=True) if with_affine else (None, None)
+    bias, bias64 = _channel_vector(shape[1], device) if with_affine else (None, None)
+    residual, residual64 = (_activation(shape, dtype, _other_layout(layout), device) if with_residual
+                            else (None, None))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ref = F.batch_norm(y64, None, None, weight64, bias64, training=True, eps=eps)
+    # The stock path in the accumulation type, rounded once to dtype: the error scale of fp32 math.
+    stock = F.batch_norm(y.to(acc), None, None, None if weight is None else weight.to(acc),
+                         None if bias is None else bias.to(acc), training=True, eps=eps)
+    if with_residual:
+        ref, stock = ref + residual64, stock + residual.to(acc)
+    if relu:
+        ref, stock = torch.relu(ref), torch.relu(stock)
+    var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
+    stock_var, stock_mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
+    _poison_allocator(y)
+    out, mean, var = ops.bn_act_train_forward(y, weight, bias, residual, eps, relu)
+    assert out.dtype == dtype and _memory_format_ok(out, layout), "output must keep y's dtype and memory format"
+    assert mean.dtype == acc and var.dtype == acc
+    assert_tolerance(mean.cpu(), mean64, stock_mean.cpu(), "batch mean")
+    assert_tolerance(var.cpu(), var64, stock_var.cpu(), "batch var (biased)")
+    assert_tolerance(out.cpu(), ref, stock.to(dtype).cpu(), "bn_act_train_forward")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES + [FLUSHING_SHAPE], ids=SHAPE_IDS + ["2x19x40x41"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_residual,relu", [(True, True), (False, True), (True, False), (False, False)],
+                         ids=["res-relu", "relu", "res", "plain"])
+def test_bn_act_train_forward(dtype, shape, layout, with_residual, relu):
+    _check_train_forward("cpu", dtype, shape, layout, True, with_residual, relu)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_act_train_forward_without_affine_and_far_from_zero(layout):
+    _check_train_forward("cpu", torch.float32, FLUSHING_SHAPE, layout, False, True, True, offset=100.0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_stats_flushing_shape(layout):
+    _check_batch_stats("cpu", torch.float32, FLUSHING_SHAPE, layout, 100.0)
+
+
+# ------------------------------------------------------------------------------------------
 # bn_act_backward
 
 
@@ -229,6 +282,8 @@ def test_opcheck_primitive_ops(dtype, layout):
     torch.library.opcheck(ops.bn_act_forward.default, (y, scale, shift, residual, True))
     torch.library.opcheck(ops.bn_act_forward.default, (y, None, shift, None, False))
     torch.library.opcheck(ops.batch_stats.default, (y,))
+    torch.library.opcheck(ops.bn_act_train_forward.default, (y, scale, shift, residual, 1e-5, True))
+    torch.library.opcheck(ops.bn_act_train_forward.default, (y, None, None, None, 1e-3, False))
     mean, var = ops.batch_stats(y)
     invstd = torch.rsqrt(var + 1e-5)
     out = ops.bn_act_forward(y, scale, shift, residual, True)
@@ -327,6 +382,14 @@ def test_bad_inputs_raise_clear_errors():
         ops.batch_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"shift must be float32 or float64, got Half"):
         ops.bn_act_forward(y, None, shift.half(), None, True)
+    with pytest.raises(RuntimeError, match=r"bn_act_train_forward: weight must be a vector with one value per channel"):
+        ops.bn_act_train_forward(y, torch.randn(12), None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"bn_act_train_forward: bias must be float32 or float64, got Half"):
+        ops.bn_act_train_forward(y, None, shift.half(), None, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"bn_act_train_forward: y has no elements per channel"):
+        ops.bn_act_train_forward(torch.randn(0, 13, 5, 5), None, None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"bn_act_train_forward: eps must be non-negative"):
+        ops.bn_act_train_forward(y, None, None, None, -1.0, True)
     mean, var = ops.batch_stats(y)
     with pytest.raises(RuntimeError, match=r"invstd must be a vector with one value per channel \(13\)"):
         ops.bn_act_backward(y, y, y, mean, var[:5], None, True, True)
@@ -458,6 +521,16 @@ def test_cuda_bn_act_backward(dtype, shape, layout):
     for relu, residual_grad in [(True, True), (True, False), (False, False)]:
         _check_backward("cuda", dtype, shape, layout, True, relu, residual_grad)
     _check_backward("cuda", dtype, shape, layout, False, True, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_bn_act_train_forward(dtype, layout):
+    _needs_cuda_kernels()
+    for with_residual, relu in [(True, True), (False, False)]:
+        _check_train_forward("cuda", dtype, (4, 64, 28, 28), layout, True, with_residual, relu)
+    _check_train_forward("cuda", dtype, (3, 13, 9, 7), layout, False, True, True, offset=100.0)
 
 
 @pytest.mark.cuda

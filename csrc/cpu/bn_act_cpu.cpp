@@ -1,36 +1,54 @@
 // CPU kernels of the resnet_fast ops (schemas in resnet_fast/ops/_library.py).
 //
 // Layouts: NCHW-contiguous (one channel = N runs of H*W contiguous elements)
-// and channels_last (one pixel = a run of C contiguous channels; loops run
-// along C so they vectorise). Inner loops are plain loops over a fixed lane
-// count that the compiler vectorises (AVX2+FMA when setup.py enables it);
-// dtype conversions (bf16/fp16 <-> fp32) are inlined into those loops.
-// Elementwise math is in at::opmath_type (fp32 for fp32/bf16/fp16, fp64 for fp64);
-// reductions accumulate in fp64 lanes (fp32 lanes measurably lost digits against
-// the stock path's cascade sums, and the reductions stay memory-bound either way).
+// and channels_last (one pixel = a run of C contiguous channels). Every inner loop
+// runs on at::vec::Vectorized of the accumulation type (AVX2 when setup.py compiles
+// for it) with a scalar tail, both through the shared formulas of bn_act.h;
+// bf16/fp16 widen to fp32 on load and round on store. Elementwise math is in
+// at::opmath_type (fp32 for fp32/bf16/fp16, fp64 for fp64); reductions sum short
+// blocks in that type and flush into fp64 (see kFlushVectors).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bn_act.h"
 
 namespace resnet_fast {
+
+// The shared math's two selects on whole vectors (NaN rules as in bn_act.h: compares are false on NaN).
+template <typename acc_t>
+struct LaneSelect<at::vec::Vectorized<acc_t>> {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static Vec relu_keep_nan(const Vec& v) { return Vec::blendv(v, Vec(acc_t(0)), v < Vec(acc_t(0))); }
+  static Vec grad_where_positive(const Vec& grad, const Vec& out) {
+    return Vec::blendv(grad, Vec(acc_t(0)), out <= Vec(acc_t(0)));
+  }
+};
+
 namespace {
 
 using at::Tensor;
 
 // Elements per parallel task: large enough to amortise scheduling, small enough to balance 2+ cores.
 constexpr int64_t kGrainElements = 1 << 15;
-// Lanes of the independent accumulators the compiler turns into vector registers.
-constexpr int kLanes = 16;
-// Values per lane summed in the accumulation type before flushing into fp64.
-constexpr int64_t kFlushPerLane = 64;
+// Elements per tensor in one NCHW channel block (64 KB of fp32): the backward's five tensors
+// then take ~320 KB, inside a 512 KB L2.
+constexpr int64_t kCacheBlockElements = 1 << 14;
+// Vector steps (NCHW) or rows (channels_last) a reduction sums in the accumulation type before
+// flushing into fp64. The hot loop stays in fp32 vector registers, and with 16 values per lane
+// the fp32 rounding stays near the fp64-accumulating stock path's (64 measurably did not, on
+// channels whose mean is far from the pivot sample).
+constexpr int64_t kFlushVectors = 16;
 
 enum class Layout { kNchw, kChannelsLast };
 
@@ -95,37 +113,236 @@ int64_t reduction_chunks(int64_t rows, int64_t channels) {
 }
 
 // --------------------------------------------------------------------------------------------
+// Vector building blocks (at::vec: AVX2 when setup.py compiles for it, portable code otherwise)
+
+template <typename T>
+using acc_of = at::opmath_type<T>;
+template <typename T>
+using VecOf = at::vec::Vectorized<acc_of<T>>;
+
+// Loads VecOf<T>::size() elements of T as the accumulation type (bf16/fp16 widen to fp32).
+template <typename T>
+inline VecOf<T> load_acc(const T* p) {
+  if constexpr (std::is_same_v<T, acc_of<T>>) {
+    return VecOf<T>::loadu(p);
+  } else {
+    at::vec::Vectorized<float> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+}
+
+// Stores a vector of the accumulation type as T (bf16/fp16 round to nearest even, like static_cast).
+template <typename T>
+inline void store_acc(T* p, const VecOf<T>& v) {
+  if constexpr (std::is_same_v<T, acc_of<T>>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, VecOf<T>::size());
+  }
+}
+
+template <typename acc_t>
+inline double sum_lanes(const at::vec::Vectorized<acc_t>& v) {
+  acc_t lanes[at::vec::Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double total = 0.0;
+  for (acc_t lane : lanes) total += static_cast<double>(lane);
+  return total;
+}
+
+// A per-channel value as seen from a contiguous run of elements: constant along an NCHW run
+// (one channel), consecutive along a channels_last run (one pixel's channels).
+template <typename acc_t>
+struct ChannelConstant {
+  acc_t value;
+  at::vec::Vectorized<acc_t> vec(int64_t) const { return at::vec::Vectorized<acc_t>(value); }
+  acc_t at(int64_t) const { return value; }
+};
+
+template <typename acc_t>
+struct ChannelRun {
+  const acc_t* values;
+  at::vec::Vectorized<acc_t> vec(int64_t i) const { return at::vec::Vectorized<acc_t>::loadu(values + i); }
+  acc_t at(int64_t i) const { return values[i]; }
+};
+
+// Pair of per-channel sums (first, second) of a two-valued term over all of (N, H, W).
+struct ChannelSums {
+  double first = 0.0;
+  double second = 0.0;
+};
+
+// Sums term(offset, centre) over the contiguous run [base, base + n) of one channel: two vector
+// accumulator pairs (two independent add chains) in acc_t, flushed into fp64 every
+// kFlushVectors steps and at the end, so no fp32 lane ever sums more than kFlushVectors values.
+template <typename acc_t, typename Term>
+ChannelSums run_sums(const Term& term, int64_t base, int64_t n, acc_t centre) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  const Vec centre_vec(centre);
+  ChannelSums sums;
+  Vec first0(acc_t(0)), second0(acc_t(0)), first1(acc_t(0)), second1(acc_t(0));
+  auto flush = [&] {
+    sums.first += sum_lanes(first0 + first1);
+    sums.second += sum_lanes(second0 + second1);
+    first0 = second0 = first1 = second1 = Vec(acc_t(0));
+  };
+  int64_t i = 0, steps = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    const auto [a0, b0] = term.vec(base + i, centre_vec);
+    const auto [a1, b1] = term.vec(base + i + kWidth, centre_vec);
+    first0 += a0;
+    second0 += b0;
+    first1 += a1;
+    second1 += b1;
+    if (++steps == kFlushVectors) {
+      flush();
+      steps = 0;
+    }
+  }
+  for (; i + kWidth <= n; i += kWidth) {
+    const auto [a0, b0] = term.vec(base + i, centre_vec);
+    first0 += a0;
+    second0 += b0;
+  }
+  flush();
+  for (; i < n; ++i) {
+    const auto [a, b] = term.at(base + i, centre);
+    sums.first += static_cast<double>(a);
+    sums.second += static_cast<double>(b);
+  }
+  return sums;
+}
+
+// NCHW work is split into blocks of whole channels of about kCacheBlockElements elements per
+// tensor: a block's reduction and its elementwise pass then run back to back while the block
+// is still in L2, and each thread takes whole blocks.
+int64_t channels_per_block(int64_t batch, int64_t spatial) {
+  return std::max<int64_t>(1, kCacheBlockElements / std::max<int64_t>(1, batch * spatial));
+}
+
+template <typename F>
+void for_each_channel_block(int64_t batch, int64_t channels, int64_t spatial, const F& body) {
+  const int64_t block = channels_per_block(batch, spatial);
+  at::parallel_for(0, channels, block, [&](int64_t begin, int64_t end) {
+    for (int64_t block_begin = begin; block_begin < end; block_begin += block) {
+      body(block_begin, std::min(end, block_begin + block));
+    }
+  });
+}
+
+// Calls body(base, channel) for every (H*W)-long plane of channels [channel_begin, channel_end),
+// in memory order (sample outer, channel inner): long sequential runs even when H*W is small.
+template <typename F>
+void for_each_plane(int64_t channel_begin, int64_t channel_end, int64_t batch, int64_t channels, int64_t spatial,
+                    const F& body) {
+  for (int64_t n = 0; n < batch; ++n) {
+    for (int64_t c = channel_begin; c < channel_end; ++c) body((n * channels + c) * spatial, c);
+  }
+}
+
+// Per-channel sums of term over the channels [channel_begin, channel_end) of an NCHW tensor,
+// written to sums[channel]. The order of additions is fixed (deterministic whatever the threads).
+template <typename acc_t, typename Term>
+void channel_block_sums(const Term& term, const acc_t* centre, int64_t channel_begin, int64_t channel_end,
+                        int64_t batch, int64_t channels, int64_t spatial, ChannelSums* sums) {
+  std::fill(sums + channel_begin, sums + channel_end, ChannelSums{});
+  for_each_plane(channel_begin, channel_end, batch, channels, spatial, [&](int64_t base, int64_t c) {
+    const ChannelSums plane = run_sums<acc_t>(term, base, spatial, centre[c]);
+    sums[c].first += plane.first;
+    sums[c].second += plane.second;
+  });
+}
+
+// Per-channel sums of term(offset, centre) over a channels_last tensor viewed as (rows, C):
+// one chunk of rows per thread with C-long acc_t partials flushed into fp64 every
+// kFlushVectors rows, then a serial fixed-order merge of the chunks (deterministic).
+template <typename acc_t, typename Term>
+void channel_sums_channels_last(const Term& term, const acc_t* centre, int64_t rows, int64_t channels,
+                                std::vector<ChannelSums>& sums) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  const int64_t chunks = reduction_chunks(rows, channels);
+  std::vector<ChannelSums> chunk_sums(chunks * channels);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> block_first(channels), block_second(channels);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
+      ChannelSums* totals = chunk_sums.data() + chunk * channels;
+      for (int64_t block = row_begin; block < row_end; block += kFlushVectors) {
+        std::fill(block_first.begin(), block_first.end(), acc_t(0));
+        std::fill(block_second.begin(), block_second.end(), acc_t(0));
+        acc_t* __restrict__ first = block_first.data();
+        acc_t* __restrict__ second = block_second.data();
+        const int64_t block_end = std::min(row_end, block + kFlushVectors);
+        for (int64_t row = block; row < block_end; ++row) {
+          const int64_t base = row * channels;
+          int64_t c = 0;
+          for (; c + kWidth <= channels; c += kWidth) {
+            const auto [a, b] = term.vec(base + c, Vec::loadu(centre + c));
+            (Vec::loadu(first + c) + a).store(first + c);
+            (Vec::loadu(second + c) + b).store(second + c);
+          }
+          for (; c < channels; ++c) {
+            const auto [a, b] = term.at(base + c, centre[c]);
+            first[c] += a;
+            second[c] += b;
+          }
+        }
+        for (int64_t c = 0; c < channels; ++c) {
+          totals[c].first += static_cast<double>(first[c]);
+          totals[c].second += static_cast<double>(second[c]);
+        }
+      }
+    }
+  });
+  sums.assign(channels, ChannelSums{});
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t c = 0; c < channels; ++c) {
+      sums[c].first += chunk_sums[chunk * channels + c].first;
+      sums[c].second += chunk_sums[chunk * channels + c].second;
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------
 // bn_act_forward: out = act(y * scale[c] + shift[c] + residual)
 
-template <typename T, typename acc_t, bool kRelu, bool kResidual>
-void bn_act_forward_kernel(const T* y, const acc_t* scale, const acc_t* shift, const T* residual, T* out,
+template <bool kRelu, bool kResidual, typename T, typename Param>
+inline void bn_act_forward_run(const T* __restrict__ y, const T* __restrict__ residual, T* __restrict__ out,
+                               int64_t n, const Param& scale, const Param& shift) {
+  using acc_t = acc_of<T>;
+  using Vec = VecOf<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec r = kResidual ? load_acc(residual + i) : Vec(acc_t(0));
+    store_acc(out + i, bn_act_apply<kRelu>(load_acc(y + i), scale.vec(i), shift.vec(i), r));
+  }
+  for (; i < n; ++i) {
+    const acc_t r = kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+    out[i] = static_cast<T>(bn_act_apply<kRelu>(static_cast<acc_t>(y[i]), scale.at(i), shift.at(i), r));
+  }
+}
+
+template <bool kRelu, bool kResidual, typename T>
+void bn_act_forward_kernel(const T* y, const acc_of<T>* scale, const acc_of<T>* shift, const T* residual, T* out,
                            int64_t batch, int64_t channels, int64_t spatial, Layout layout) {
+  using acc_t = acc_of<T>;
   if (layout == Layout::kNchw) {
     at::parallel_for(0, batch * channels, grain_for(spatial), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % channels;
-        const acc_t s = scale[c], b = shift[c];
-        const int64_t base = plane * spatial;
-        const T* yp = y + base;
-        const T* rp = kResidual ? residual + base : nullptr;
-        T* op = out + base;
-        for (int64_t i = 0; i < spatial; ++i) {
-          const acc_t r = kResidual ? static_cast<acc_t>(rp[i]) : acc_t(0);
-          op[i] = static_cast<T>(bn_act_apply<kRelu>(static_cast<acc_t>(yp[i]), s, b, r));
-        }
+        const int64_t c = plane % channels, base = plane * spatial;
+        bn_act_forward_run<kRelu, kResidual>(y + base, kResidual ? residual + base : nullptr, out + base, spatial,
+                                             ChannelConstant<acc_t>{scale[c]}, ChannelConstant<acc_t>{shift[c]});
       }
     });
   } else {
     at::parallel_for(0, batch * spatial, grain_for(channels), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * channels;
-        const T* yp = y + base;
-        const T* rp = kResidual ? residual + base : nullptr;
-        T* op = out + base;
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t r = kResidual ? static_cast<acc_t>(rp[c]) : acc_t(0);
-          op[c] = static_cast<T>(bn_act_apply<kRelu>(static_cast<acc_t>(yp[c]), scale[c], shift[c], r));
-        }
+        bn_act_forward_run<kRelu, kResidual>(y + base, kResidual ? residual + base : nullptr, out + base, channels,
+                                             ChannelRun<acc_t>{scale}, ChannelRun<acc_t>{shift});
       }
     });
   }
@@ -157,10 +374,10 @@ Tensor bn_act_forward_cpu(const Tensor& y_in, const std::optional<Tensor>& scale
   const int64_t batch = y.size(0), channels = y.size(1), spatial = y.size(2) * y.size(3);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "bn_act_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_of<scalar_t>;
     dispatch_bool(relu, [&](auto relu_tag) {
       dispatch_bool(residual.defined(), [&](auto residual_tag) {
-        bn_act_forward_kernel<scalar_t, acc_t, decltype(relu_tag)::value, decltype(residual_tag)::value>(
+        bn_act_forward_kernel<decltype(relu_tag)::value, decltype(residual_tag)::value, scalar_t>(
             y.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
             residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
             batch, channels, spatial, layout);
@@ -173,96 +390,51 @@ Tensor bn_act_forward_cpu(const Tensor& y_in, const std::optional<Tensor>& scale
 // --------------------------------------------------------------------------------------------
 // batch_stats: per-channel mean and biased variance over (N, H, W)
 
-// Adds sum(x - pivot) and sum((x - pivot)^2) of a contiguous run to fp64 totals.
-template <typename T, typename acc_t>
-inline void accumulate_shifted_run(const T* x, int64_t n, double pivot, double& sum, double& sum_sq) {
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t block_end = std::min(n, i + kFlushPerLane * kLanes);
-    double lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
-    for (; i + kLanes <= block_end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const double v = static_cast<double>(static_cast<acc_t>(x[i + j])) - pivot;
-        lane_sum[j] += v;
-        lane_sq[j] += v * v;
-      }
-    }
-    for (; i < block_end; ++i) {
-      const double v = static_cast<double>(static_cast<acc_t>(x[i])) - pivot;
-      lane_sum[0] += v;
-      lane_sq[0] += v * v;
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      sum += lane_sum[j];
-      sum_sq += lane_sq[j];
-    }
+// (y - pivot, (y - pivot)^2): the shifted moments whose sums give mean and variance.
+template <typename T>
+struct ShiftedMoments {
+  const T* y;
+  std::pair<VecOf<T>, VecOf<T>> vec(int64_t offset, const VecOf<T>& pivot) const {
+    const VecOf<T> v = load_acc(y + offset) - pivot;
+    return {v, v * v};
   }
+  std::pair<acc_of<T>, acc_of<T>> at(int64_t offset, acc_of<T> pivot) const {
+    const acc_of<T> v = static_cast<acc_of<T>>(y[offset]) - pivot;
+    return {v, v * v};
+  }
+};
+
+// Mean and biased variance of a channel from its shifted sums (count samples, shifted by pivot).
+template <typename acc_t>
+std::pair<acc_t, acc_t> channel_stats(int64_t count, acc_t pivot, const ChannelSums& sums) {
+  const auto state = welford_from_shifted_sums<double>(static_cast<double>(count), static_cast<double>(pivot),
+                                                       sums.first, sums.second);
+  return {static_cast<acc_t>(state.mean), static_cast<acc_t>(welford_biased_var(state))};
 }
 
-template <typename T, typename acc_t>
-void batch_stats_kernel(const T* y, acc_t* mean, acc_t* var, int64_t batch, int64_t channels, int64_t spatial,
-                        Layout layout) {
+// Shifting by one sample of the channel keeps sum_sq - sum^2/n free of catastrophic cancellation.
+template <typename T>
+acc_of<T> channel_pivot(const T* y, int64_t channel, int64_t spatial, Layout layout) {
+  return static_cast<acc_of<T>>(layout == Layout::kNchw ? y[channel * spatial] : y[channel]);
+}
+
+template <typename T>
+void batch_stats_kernel(const T* y, acc_of<T>* mean, acc_of<T>* var, int64_t batch, int64_t channels,
+                        int64_t spatial, Layout layout) {
+  using acc_t = acc_of<T>;
   const int64_t count = batch * spatial;
-  // Shifting by one sample of the channel keeps sum_sq - sum^2/n free of catastrophic cancellation.
-  std::vector<double> pivot(channels), sum(channels, 0.0), sum_sq(channels, 0.0);
-  for (int64_t c = 0; c < channels; ++c) {
-    pivot[c] = static_cast<double>(static_cast<acc_t>(layout == Layout::kNchw ? y[c * spatial] : y[c]));
-  }
+  const ShiftedMoments<T> term{y};
+  std::vector<acc_t> pivot(channels);
+  for (int64_t c = 0; c < channels; ++c) pivot[c] = channel_pivot(y, c, spatial, layout);
+  std::vector<ChannelSums> sums(channels);
   if (layout == Layout::kNchw) {
-    at::parallel_for(0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double s = 0.0, q = 0.0;
-        for (int64_t n = 0; n < batch; ++n) {
-          accumulate_shifted_run<T, acc_t>(y + (n * channels + c) * spatial, spatial, pivot[c], s, q);
-        }
-        sum[c] = s;
-        sum_sq[c] = q;
-      }
+    for_each_channel_block(batch, channels, spatial, [&](int64_t begin, int64_t end) {
+      channel_block_sums<acc_t>(term, pivot.data(), begin, end, batch, channels, spatial, sums.data());
     });
   } else {
-    const int64_t rows = count;
-    const int64_t chunks = reduction_chunks(rows, channels);
-    std::vector<double> chunk_sum(chunks * channels, 0.0), chunk_sq(chunks * channels, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<double> block_sum(channels), block_sq(channels);
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
-        double* total_sum = chunk_sum.data() + chunk * channels;
-        double* total_sq = chunk_sq.data() + chunk * channels;
-        for (int64_t block = row_begin; block < row_end; block += kFlushPerLane) {
-          std::fill(block_sum.begin(), block_sum.end(), 0.0);
-          std::fill(block_sq.begin(), block_sq.end(), 0.0);
-          double* __restrict__ bs = block_sum.data();
-          double* __restrict__ bq = block_sq.data();
-          const double* __restrict__ pv = pivot.data();
-          const int64_t block_end = std::min(row_end, block + kFlushPerLane);
-          for (int64_t row = block; row < block_end; ++row) {
-            const T* __restrict__ yp = y + row * channels;
-            for (int64_t c = 0; c < channels; ++c) {
-              const double v = static_cast<double>(static_cast<acc_t>(yp[c])) - pv[c];
-              bs[c] += v;
-              bq[c] += v * v;
-            }
-          }
-          for (int64_t c = 0; c < channels; ++c) {
-            total_sum[c] += bs[c];
-            total_sq[c] += bq[c];
-          }
-        }
-      }
-    });
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      for (int64_t c = 0; c < channels; ++c) {
-        sum[c] += chunk_sum[chunk * channels + c];
-        sum_sq[c] += chunk_sq[chunk * channels + c];
-      }
-    }
+    channel_sums_channels_last<acc_t>(term, pivot.data(), count, channels, sums);
   }
-  for (int64_t c = 0; c < channels; ++c) {
-    const auto state = welford_from_shifted_sums<double>(static_cast<double>(count), pivot[c], sum[c], sum_sq[c]);
-    mean[c] = static_cast<acc_t>(state.mean);
-    var[c] = static_cast<acc_t>(welford_biased_var(state));
-  }
+  for (int64_t c = 0; c < channels; ++c) std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
 }
 
 /// Per-channel mean and biased variance over (N, H, W), one read of y.
@@ -282,184 +454,212 @@ std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& y_in) {
   Tensor mean = at::empty({channels}, y.options().dtype(acc_type));
   Tensor var = at::empty({channels}, y.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "batch_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    batch_stats_kernel<scalar_t, acc_t>(y.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+    using acc_t = acc_of<scalar_t>;
+    batch_stats_kernel<scalar_t>(y.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
                                         var.mutable_data_ptr<acc_t>(), batch, channels, spatial, layout);
   });
   return {mean, var};
 }
 
 // --------------------------------------------------------------------------------------------
+// bn_act_train_forward: batch statistics, then out = act(batch_norm(y) + residual)
+
+template <bool kRelu, bool kResidual, typename T>
+void bn_act_train_forward_kernel(const T* y, const acc_of<T>* weight, const acc_of<T>* bias, const T* residual,
+                                 T* out, acc_of<T>* mean, acc_of<T>* var, acc_of<T> eps, int64_t batch,
+                                 int64_t channels, int64_t spatial, Layout layout) {
+  using acc_t = acc_of<T>;
+  auto affine_of = [&](int64_t c) {
+    return bn_train_affine<acc_t>(mean[c], var[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), eps);
+  };
+  if (layout == Layout::kNchw) {
+    // Statistics, then normalisation, one channel block at a time: the block is still in cache
+    // for the second read, so y is read from memory once.
+    const int64_t count = batch * spatial;
+    const ShiftedMoments<T> term{y};
+    std::vector<acc_t> pivot(channels), scale(channels), shift(channels);
+    for (int64_t c = 0; c < channels; ++c) pivot[c] = channel_pivot(y, c, spatial, layout);
+    std::vector<ChannelSums> sums(channels);
+    for_each_channel_block(batch, channels, spatial, [&](int64_t begin, int64_t end) {
+      channel_block_sums<acc_t>(term, pivot.data(), begin, end, batch, channels, spatial, sums.data());
+      for (int64_t c = begin; c < end; ++c) {
+        std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
+        const auto affine = affine_of(c);
+        scale[c] = affine.scale;
+        shift[c] = affine.shift;
+      }
+      for_each_plane(begin, end, batch, channels, spatial, [&](int64_t base, int64_t c) {
+        bn_act_forward_run<kRelu, kResidual>(y + base, kResidual ? residual + base : nullptr, out + base, spatial,
+                                             ChannelConstant<acc_t>{scale[c]}, ChannelConstant<acc_t>{shift[c]});
+      });
+    });
+    return;
+  }
+  // channels_last: a channel is spread over the whole tensor, so statistics are a full pass of their own.
+  batch_stats_kernel<T>(y, mean, var, batch, channels, spatial, layout);
+  std::vector<acc_t> scale(channels), shift(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const auto affine = affine_of(c);
+    scale[c] = affine.scale;
+    shift[c] = affine.shift;
+  }
+  bn_act_forward_kernel<kRelu, kResidual, T>(y, scale.data(), shift.data(), residual, out, batch, channels, spatial,
+                                             layout);
+}
+
+/// Batch statistics of y, then out = act(batch_norm(y) + residual): the training forward in one op.
+///
+/// Equivalent PyTorch:
+///   var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), unbiased=False)
+///   out = F.batch_norm(y, None, None, weight, bias, training=True, eps=eps) + (residual or 0)
+///   out = torch.relu(out) if relu else out
+/// Returns (out, mean, var): out in y's dtype and memory format, mean and biased var in
+/// float32 (float64 for float64 y). weight None means 1, bias None means 0.
+std::tuple<Tensor, Tensor, Tensor> bn_act_train_forward_cpu(const Tensor& y_in,
+                                                            const std::optional<Tensor>& weight_in,
+                                                            const std::optional<Tensor>& bias_in,
+                                                            const std::optional<Tensor>& residual_in, double eps,
+                                                            bool relu) {
+  constexpr const char* op = "bn_act_train_forward";
+  check_activation(op, "y", y_in);
+  const Layout layout = layout_of(y_in);
+  const Tensor y = in_layout(y_in, layout);
+  const auto acc_type = acc_type_of(y);
+  const int64_t batch = y.size(0), channels = y.size(1), spatial = y.size(2) * y.size(3);
+  TORCH_CHECK(batch * spatial > 0, op, ": y has no elements per channel (shape ", y.sizes(),
+              "); batch statistics need at least one");
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  Tensor weight, bias, residual;
+  if (weight_in.has_value()) weight = per_channel(op, "weight", *weight_in, y, acc_type);
+  if (bias_in.has_value()) bias = per_channel(op, "bias", *bias_in, y, acc_type);
+  if (residual_in.has_value()) {
+    check_like_y(op, "residual", *residual_in, y);
+    residual = in_layout(*residual_in, layout);
+  }
+  Tensor out = at::empty_like(y, y.options(), memory_format_of(layout));
+  Tensor mean = at::empty({channels}, y.options().dtype(acc_type));
+  Tensor var = at::empty({channels}, y.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "bn_act_train_forward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    dispatch_bool(relu, [&](auto relu_tag) {
+      dispatch_bool(residual.defined(), [&](auto residual_tag) {
+        bn_act_train_forward_kernel<decltype(relu_tag)::value, decltype(residual_tag)::value, scalar_t>(
+            y.const_data_ptr<scalar_t>(), weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
+            bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+            residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
+            mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps), batch, channels,
+            spatial, layout);
+      });
+    });
+  });
+  return {out, mean, var};
+}
+
+// --------------------------------------------------------------------------------------------
 // bn_act_backward
 
-// Adds sum(g) and sum(g * (y - mean)) of a contiguous run (g = masked grad) to fp64 totals,
-// writing g to grad_residual when it is not null. Lanes sum kFlushPerLane values in acc_t
-// (vector registers) before flushing into fp64; __restrict__ and one loop body (mask, sums,
-// store) keep the loop branch-free and vectorised.
-template <typename T, typename acc_t, bool kRelu, bool kStoreResidual>
-inline void accumulate_grad_run(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ y,
-                                T* __restrict__ grad_residual, int64_t n, acc_t mean, double& sum_g,
-                                double& sum_gy) {
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t block_end = std::min(n, i + kFlushPerLane * kLanes);
-    acc_t lane_g[kLanes] = {}, lane_gy[kLanes] = {};
-    for (; i + kLanes <= block_end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i + j]), static_cast<acc_t>(out[i + j]));
-        lane_g[j] += g;
-        lane_gy[j] += g * (static_cast<acc_t>(y[i + j]) - mean);
-        if (kStoreResidual) grad_residual[i + j] = static_cast<T>(g);
-      }
-    }
-    for (; i < block_end; ++i) {
-      const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
-      lane_g[0] += g;
-      lane_gy[0] += g * (static_cast<acc_t>(y[i]) - mean);
-      if (kStoreResidual) grad_residual[i] = static_cast<T>(g);
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      sum_g += static_cast<double>(lane_g[j]);
-      sum_gy += static_cast<double>(lane_gy[j]);
-    }
+// (g, g * (y - mean)) with g the masked grad: the sums give grad_bias and grad_weight / invstd.
+// With kStoreResidual, g is also written to grad_residual (it is that gradient).
+template <bool kRelu, bool kStoreResidual, typename T>
+struct MaskedGradMoments {
+  const T* grad_out;
+  const T* out;
+  const T* y;
+  T* grad_residual;
+  std::pair<VecOf<T>, VecOf<T>> vec(int64_t offset, const VecOf<T>& mean) const {
+    const VecOf<T> g = bn_act_masked_grad<kRelu>(load_acc(grad_out + offset), load_acc(out + offset));
+    if constexpr (kStoreResidual) store_acc(grad_residual + offset, g);
+    return {g, g * (load_acc(y + offset) - mean)};
   }
-}
+  std::pair<acc_of<T>, acc_of<T>> at(int64_t offset, acc_of<T> mean) const {
+    using acc_t = acc_of<T>;
+    const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[offset]), static_cast<acc_t>(out[offset]));
+    if constexpr (kStoreResidual) grad_residual[offset] = static_cast<T>(g);
+    return {g, g * (static_cast<acc_t>(y[offset]) - mean)};
+  }
+};
 
-// grad_y over a contiguous run of one channel; g comes from grad_residual when it was written
-// (one read instead of two), otherwise it is recomputed from grad_out and out.
-template <typename T, typename acc_t, bool kRelu>
+// grad_y over a contiguous run; g is read back from grad_residual when the reduction wrote it
+// (one tensor read instead of two), otherwise recomputed from grad_out and out.
+template <bool kRelu, bool kFromResidual, typename T, typename Param>
 inline void grad_y_run(const T* __restrict__ grad_out, const T* __restrict__ out, const T* __restrict__ grad_residual,
-                       const T* __restrict__ y, T* __restrict__ grad_y, int64_t n, const BnBackwardCoefs<acc_t>& coefs,
-                       acc_t mean) {
-  if (grad_residual != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      grad_y[i] = static_cast<T>(
-          bn_backward_apply(coefs, static_cast<acc_t>(grad_residual[i]), static_cast<acc_t>(y[i]) - mean));
+                       const T* __restrict__ y, T* __restrict__ grad_y, int64_t n, const Param& grad_coef,
+                       const Param& centered_coef, const Param& constant_coef, const Param& mean) {
+  using acc_t = acc_of<T>;
+  using Vec = VecOf<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec g;
+    if constexpr (kFromResidual) {
+      g = load_acc(grad_residual + i);
+    } else {
+      g = bn_act_masked_grad<kRelu>(load_acc(grad_out + i), load_acc(out + i));
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
-      grad_y[i] = static_cast<T>(bn_backward_apply(coefs, g, static_cast<acc_t>(y[i]) - mean));
+    const BnBackwardCoefs<Vec> coefs{grad_coef.vec(i), centered_coef.vec(i), constant_coef.vec(i)};
+    store_acc(grad_y + i, bn_backward_apply(coefs, g, load_acc(y + i) - mean.vec(i)));
+  }
+  for (; i < n; ++i) {
+    acc_t g;
+    if constexpr (kFromResidual) {
+      g = static_cast<acc_t>(grad_residual[i]);
+    } else {
+      g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i]));
     }
+    const BnBackwardCoefs<acc_t> coefs{grad_coef.at(i), centered_coef.at(i), constant_coef.at(i)};
+    grad_y[i] = static_cast<T>(bn_backward_apply(coefs, g, static_cast<acc_t>(y[i]) - mean.at(i)));
   }
 }
 
-template <typename T, typename acc_t, bool kRelu>
-void bn_act_backward_kernel(const T* grad_out, const T* out, const T* y, const acc_t* mean, const acc_t* invstd,
-                            const acc_t* weight, T* grad_y, acc_t* grad_weight, acc_t* grad_bias, T* grad_residual,
-                            int64_t batch, int64_t channels, int64_t spatial, Layout layout) {
+template <bool kRelu, bool kResidualGrad, typename T>
+void bn_act_backward_kernel(const T* grad_out, const T* out, const T* y, const acc_of<T>* mean,
+                            const acc_of<T>* invstd, const acc_of<T>* weight, T* grad_y, acc_of<T>* grad_weight,
+                            acc_of<T>* grad_bias, T* grad_residual, int64_t batch, int64_t channels, int64_t spatial,
+                            Layout layout) {
+  using acc_t = acc_of<T>;
   const int64_t count = batch * spatial;
+  const MaskedGradMoments<kRelu, kResidualGrad, T> term{grad_out, out, y, grad_residual};
+  auto coefs_from_sums = [&](int64_t c, const ChannelSums& sums) {
+    grad_bias[c] = static_cast<acc_t>(sums.first);
+    grad_weight[c] = static_cast<acc_t>(sums.second * static_cast<double>(invstd[c]));
+    return bn_backward_coefs<acc_t>(weight ? weight[c] : acc_t(1), invstd[c], grad_weight[c], grad_bias[c],
+                                    static_cast<acc_t>(count));
+  };
+
   if (layout == Layout::kNchw) {
-    // One channel at a time, reduction then grad_y: the channel's N*H*W elements are
-    // still in cache for the second pass when they fit (e.g. 8x56x56 fp32 x 3 tensors ~ 300 KB).
-    at::parallel_for(0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        double sum_g = 0.0, sum_gy = 0.0;
-        for (int64_t n = 0; n < batch; ++n) {
-          const int64_t base = (n * channels + c) * spatial;
-          if (grad_residual != nullptr) {
-            accumulate_grad_run<T, acc_t, kRelu, true>(grad_out + base, out + base, y + base, grad_residual + base,
-                                                       spatial, mean[c], sum_g, sum_gy);
-          } else {
-            accumulate_grad_run<T, acc_t, kRelu, false>(grad_out + base, out + base, y + base, nullptr, spatial,
-                                                        mean[c], sum_g, sum_gy);
-          }
-        }
-        grad_bias[c] = static_cast<acc_t>(sum_g);
-        grad_weight[c] = static_cast<acc_t>(sum_gy * static_cast<double>(invstd[c]));
-        const auto coefs = bn_backward_coefs<acc_t>(weight ? weight[c] : acc_t(1), invstd[c], grad_weight[c],
-                                                    grad_bias[c], static_cast<acc_t>(count));
-        for (int64_t n = 0; n < batch; ++n) {
-          const int64_t base = (n * channels + c) * spatial;
-          grad_y_run<T, acc_t, kRelu>(grad_out + base, out + base, grad_residual ? grad_residual + base : nullptr,
-                                      y + base, grad_y + base, spatial, coefs, mean[c]);
-        }
-      }
+    // One channel block at a time, reduction then grad_y, while the block is still in cache.
+    std::vector<ChannelSums> sums(channels);
+    for_each_channel_block(batch, channels, spatial, [&](int64_t begin, int64_t end) {
+      channel_block_sums<acc_t>(term, mean, begin, end, batch, channels, spatial, sums.data());
+      std::vector<BnBackwardCoefs<acc_t>> coefs(end - begin);
+      for (int64_t c = begin; c < end; ++c) coefs[c - begin] = coefs_from_sums(c, sums[c]);
+      for_each_plane(begin, end, batch, channels, spatial, [&](int64_t base, int64_t c) {
+        const auto& k = coefs[c - begin];
+        grad_y_run<kRelu, kResidualGrad>(grad_out + base, out + base, kResidualGrad ? grad_residual + base : nullptr,
+                                         y + base, grad_y + base, spatial, ChannelConstant<acc_t>{k.grad_coef},
+                                         ChannelConstant<acc_t>{k.centered_coef},
+                                         ChannelConstant<acc_t>{k.constant_coef}, ChannelConstant<acc_t>{mean[c]});
+      });
     });
     return;
   }
 
-  // channels_last: per-chunk partial sums along C, a fixed-order merge, then an elementwise pass.
-  const int64_t rows = count;
-  const int64_t chunks = reduction_chunks(rows, channels);
-  std::vector<double> chunk_g(chunks * channels, 0.0), chunk_gy(chunks * channels, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> block_g(channels), block_gy(channels);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t row_begin = rows * chunk / chunks, row_end = rows * (chunk + 1) / chunks;
-      double* total_g = chunk_g.data() + chunk * channels;
-      double* total_gy = chunk_gy.data() + chunk * channels;
-      for (int64_t block = row_begin; block < row_end; block += kFlushPerLane) {
-        std::fill(block_g.begin(), block_g.end(), acc_t(0));
-        std::fill(block_gy.begin(), block_gy.end(), acc_t(0));
-        acc_t* __restrict__ bg = block_g.data();
-        acc_t* __restrict__ bgy = block_gy.data();
-        const int64_t block_end = std::min(row_end, block + kFlushPerLane);
-        for (int64_t row = block; row < block_end; ++row) {
-          const int64_t base = row * channels;
-          const T* __restrict__ gp = grad_out + base;
-          const T* __restrict__ op = out + base;
-          const T* __restrict__ yp = y + base;
-          const acc_t* __restrict__ mp = mean;
-          if (grad_residual != nullptr) {
-            T* __restrict__ rp = grad_residual + base;
-            for (int64_t c = 0; c < channels; ++c) {
-              const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
-              bg[c] += g;
-              bgy[c] += g * (static_cast<acc_t>(yp[c]) - mp[c]);
-              rp[c] = static_cast<T>(g);
-            }
-          } else {
-            for (int64_t c = 0; c < channels; ++c) {
-              const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
-              bg[c] += g;
-              bgy[c] += g * (static_cast<acc_t>(yp[c]) - mp[c]);
-            }
-          }
-        }
-        for (int64_t c = 0; c < channels; ++c) {
-          total_g[c] += static_cast<double>(bg[c]);
-          total_gy[c] += static_cast<double>(bgy[c]);
-        }
-      }
-    }
-  });
+  std::vector<ChannelSums> sums;
+  channel_sums_channels_last<acc_t>(term, mean, count, channels, sums);
   std::vector<acc_t> grad_coef(channels), centered_coef(channels), constant_coef(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    double sum_g = 0.0, sum_gy = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      sum_g += chunk_g[chunk * channels + c];
-      sum_gy += chunk_gy[chunk * channels + c];
-    }
-    grad_bias[c] = static_cast<acc_t>(sum_g);
-    grad_weight[c] = static_cast<acc_t>(sum_gy * static_cast<double>(invstd[c]));
-    const auto coefs = bn_backward_coefs<acc_t>(weight ? weight[c] : acc_t(1), invstd[c], grad_weight[c],
-                                                grad_bias[c], static_cast<acc_t>(count));
+    const auto coefs = coefs_from_sums(c, sums[c]);
     grad_coef[c] = coefs.grad_coef;
     centered_coef[c] = coefs.centered_coef;
     constant_coef[c] = coefs.constant_coef;
   }
-  at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
-    const acc_t* __restrict__ k = grad_coef.data();
-    const acc_t* __restrict__ kc = centered_coef.data();
-    const acc_t* __restrict__ k0 = constant_coef.data();
+  at::parallel_for(0, count, grain_for(channels), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * channels;
-      const T* __restrict__ yp = y + base;
-      T* __restrict__ gyp = grad_y + base;
-      if (grad_residual != nullptr) {
-        const T* __restrict__ gp = grad_residual + base;
-        for (int64_t c = 0; c < channels; ++c) {
-          gyp[c] = static_cast<T>(k[c] * static_cast<acc_t>(gp[c]) + kc[c] * (static_cast<acc_t>(yp[c]) - mean[c]) + k0[c]);
-        }
-      } else {
-        const T* __restrict__ gp = grad_out + base;
-        const T* __restrict__ op = out + base;
-        for (int64_t c = 0; c < channels; ++c) {
-          const acc_t g = bn_act_masked_grad<kRelu>(static_cast<acc_t>(gp[c]), static_cast<acc_t>(op[c]));
-          gyp[c] = static_cast<T>(k[c] * g + kc[c] * (static_cast<acc_t>(yp[c]) - mean[c]) + k0[c]);
-        }
-      }
+      grad_y_run<kRelu, kResidualGrad>(grad_out + base, out + base, kResidualGrad ? grad_residual + base : nullptr,
+                                       y + base, grad_y + base, channels, ChannelRun<acc_t>{grad_coef.data()},
+                                       ChannelRun<acc_t>{centered_coef.data()}, ChannelRun<acc_t>{constant_coef.data()},
+                                       ChannelRun<acc_t>{mean});
     }
   });
 }
@@ -504,14 +704,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(const Tensor& gra
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "bn_act_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_of<scalar_t>;
     dispatch_bool(relu, [&](auto relu_tag) {
-      bn_act_backward_kernel<scalar_t, acc_t, decltype(relu_tag)::value>(
-          grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-          mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-          weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr, grad_y.mutable_data_ptr<scalar_t>(),
-          grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
-          residual_grad ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr, batch, channels, spatial, layout);
+      dispatch_bool(residual_grad, [&](auto residual_grad_tag) {
+        bn_act_backward_kernel<decltype(relu_tag)::value, decltype(residual_grad_tag)::value, scalar_t>(
+            grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+            weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr, grad_y.mutable_data_ptr<scalar_t>(),
+            grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
+            residual_grad ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr, batch, channels, spatial, layout);
+      });
     });
   });
   return {grad_y, grad_weight, grad_bias, grad_residual};
@@ -522,6 +724,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(const Tensor& gra
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward_cpu);
   m.impl("batch_stats", &batch_stats_cpu);
+  m.impl("bn_act_train_forward", &bn_act_train_forward_cpu);
   m.impl("bn_act_backward", &bn_act_backward_cpu);
 }
 

@@ -111,6 +111,28 @@ std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& y_in) {
   return {mean, var};
 }
 
+/// Batch statistics, then act(batch_norm(y) + residual); see bn_act_cpu.cpp for the PyTorch equivalent.
+/// Composed of the two kernels above with the per-channel affine computed by ATen (C elements).
+std::tuple<Tensor, Tensor, Tensor> bn_act_train_forward_cuda(const Tensor& y, const std::optional<Tensor>& weight_in,
+                                                             const std::optional<Tensor>& bias_in,
+                                                             const std::optional<Tensor>& residual, double eps,
+                                                             bool relu) {
+  constexpr const char* op = "bn_act_train_forward";
+  check_activation(op, "y", y);
+  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
+  const c10::cuda::CUDAGuard guard(y.device());
+  Tensor weight, bias;
+  if (weight_in.has_value()) weight = per_channel(op, "weight", *weight_in, y);
+  if (bias_in.has_value()) bias = per_channel(op, "bias", *bias_in, y);
+  auto [mean, var] = batch_stats_cuda(y);
+  // Same formula as bn_train_affine in bn_act.h: scale = weight / sqrt(var + eps), shift = bias - mean * scale.
+  Tensor scale = at::sqrt(var + eps).reciprocal_();
+  if (weight.defined()) scale.mul_(weight);
+  Tensor shift = -mean * scale;
+  if (bias.defined()) shift.add_(bias);
+  return {bn_act_forward_cuda(y, scale, shift, residual, relu), mean, var};
+}
+
 /// Fused backward of BN (batch statistics) + residual + ReLU; see bn_act_cpu.cpp for the PyTorch equivalent.
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(const Tensor& grad_out_in, const Tensor& out_in,
                                                                 const Tensor& y_in, const Tensor& mean_in,
@@ -168,6 +190,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(const Tensor& gr
 TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward_cuda);
   m.impl("batch_stats", &batch_stats_cuda);
+  m.impl("bn_act_train_forward", &bn_act_train_forward_cuda);
   m.impl("bn_act_backward", &bn_act_backward_cuda);
 }
 

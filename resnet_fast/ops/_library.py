@@ -20,6 +20,12 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 _lib.define("bn_act_forward(Tensor y, Tensor? scale, Tensor shift, Tensor? residual, bool relu) -> Tensor")
 # Per-channel mean and biased variance over (N, H, W), accumulated in at least float32.
 _lib.define("batch_stats(Tensor y) -> (Tensor mean, Tensor var)")
+# Training forward in one op: batch statistics of y, then act(batch_norm(y) + residual).
+# Returns out and the batch mean and biased variance (the statistics' dtype, as batch_stats).
+_lib.define(
+    "bn_act_train_forward(Tensor y, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool relu) "
+    "-> (Tensor out, Tensor mean, Tensor var)"
+)
 # Backward of out = act(weight * (y - mean) * invstd + bias + residual) with batch statistics.
 # Returns grad_y, grad_weight, grad_bias and grad_residual (empty when residual_grad is False).
 _lib.define(
@@ -48,6 +54,13 @@ def _batch_stats_fake(y):
     channels = _channels(y)
     stats = y.new_empty((channels,), dtype=_stats_dtype(y))
     return stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::bn_act_train_forward")
+def _bn_act_train_forward_fake(y, weight, bias, residual, eps, relu):
+    channels = _channels(y)
+    stats = y.new_empty((channels,), dtype=_stats_dtype(y))
+    return torch.empty_like(y), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::bn_act_backward")

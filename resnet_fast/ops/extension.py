@@ -119,13 +119,11 @@ def _bn_act_train(
     relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out, batch_mean, batch_var_biased)`` of ``act(batch_norm(y) + residual)``."""
-    mean, var = _ops.batch_stats(y)
-    invstd = torch.rsqrt(var + eps)
-    # Per-channel math in the statistics' dtype (float32; float64 for float64 y, so gradcheck sees full precision).
-    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale if bias is None else bias.to(invstd.dtype) - mean * scale
-    out = _ops.bn_act_forward(y, scale, shift, residual, relu)
-    return out, mean, var
+    # Parameters in the statistics' dtype (float32; float64 for float64 y, so gradcheck sees full precision).
+    stats_dtype = _stats_dtype(y)
+    weight = None if weight is None else weight.to(stats_dtype)
+    bias = None if bias is None else bias.to(stats_dtype)
+    return _ops.bn_act_train_forward(y, weight, bias, residual, eps, relu)
 
 
 @_bn_act_train.register_fake
