@@ -293,12 +293,26 @@ def test_opcheck_primitive_ops(dtype, layout):
 
 
 @pytest.mark.parametrize("with_residual", [True, False], ids=["res", "nores"])
-def test_opcheck_training_unit(with_residual):
+def test_training_unit_traces_under_torch_compile(with_residual):
+    """fullgraph: the unit's autograd.Function and ops trace (fake kernels), forward and backward."""
     y = torch.randn(3, 13, 7, 9, requires_grad=True)
     weight = (torch.rand(13) + 0.5).requires_grad_()
     bias = torch.randn(13, requires_grad=True)
     residual = torch.randn(3, 13, 7, 9, requires_grad=True) if with_residual else None
-    torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (y, weight, bias, residual, 1e-5, True))
+    leaves = [t for t in (y, weight, bias, residual) if t is not None]
+
+    def unit(y, weight, bias, residual):
+        return ext._BnActTrain.apply(y, weight, bias, residual, 1e-5, True)[0]
+
+    grad = torch.randn(3, 13, 7, 9)
+    expected = unit(y, weight, bias, residual)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    compiled = torch.compile(unit, fullgraph=True, backend="aot_eager")
+    out = compiled(y, weight, bias, residual)
+    grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,7 +554,8 @@ def test_cuda_training_unit_and_opcheck():
     weight = (torch.rand(13, device="cuda") + 0.5).requires_grad_()
     bias = torch.randn(13, device="cuda", requires_grad=True)
     residual = torch.randn(3, 13, 7, 9, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default, (y, weight, bias, residual, 1e-5, True))
+    torch.library.opcheck(ops.bn_act_train_forward.default, (y.detach(), weight.detach(), bias.detach(),
+                                                             residual.detach(), 1e-5, True))
     bn = torch.nn.BatchNorm2d(13).cuda()
     running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
     out = ext.bn_act_train(y, bn.weight, bn.bias, running_mean, running_var, 0.1, bn.eps, residual, True)
