@@ -81,6 +81,18 @@ def _cpu_vector_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def _openmp_flags(torch) -> list[str]:
+    """``-fopenmp`` when torch's CPU thread pool is OpenMP (Linux wheels).
+
+    ``at::parallel_for`` is header code: without ``-fopenmp`` its ``#pragma omp parallel`` is
+    silently dropped and every kernel of the extension runs on one thread. The extension then
+    links ``libgomp.so.1``, which resolves to the copy torch has already loaded.
+    """
+    if sys.platform == "darwin" or not getattr(torch._C, "has_openmp", False):
+        return []
+    return ["-fopenmp"]
+
+
 def _default_arch_list(torch) -> str:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -113,7 +125,8 @@ def _extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/cpu/*.cpp"))]
     # at::vec headers carry CUDA-style `#pragma unroll`s that GCC ignores (and would warn about, per loop).
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_vector_flags()
+    openmp = _openmp_flags(torch)
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_vector_flags() + openmp
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     include_dirs = [str(ROOT / "csrc")]
     arch_list = ""
@@ -140,6 +153,7 @@ def _extensions():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=openmp,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
