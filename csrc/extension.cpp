@@ -27,13 +27,20 @@ pybind11::dict build_info() {
 #else
   info["cpu_isa"] = std::string("baseline");
 #endif
+#ifdef _OPENMP
+  info["cpu_parallel"] = std::string("openmp");  // at::parallel_for uses torch's OpenMP threads
+#else
+  info["cpu_parallel"] = std::string("none");  // at::parallel_for runs every kernel on one thread
+#endif
   return info;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "resnet_fast compiled kernels: bn_act_forward, batch_stats, bn_act_backward (torch.ops.resnet_fast)";
+  m.doc() = "resnet_fast compiled kernels: bn_act_forward, batch_stats, bn_act_train_forward, bn_act_backward "
+          "(torch.ops.resnet_fast)";
   m.def("build_info", &build_info,
-        "How the extension was built: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, 'cpu_isa': str}");
+        "How the extension was built: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, 'cpu_isa': str, "
+        "'cpu_parallel': str}");
 }

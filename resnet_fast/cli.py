@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if ext["loaded"]:
         kinds = "CPU + CUDA" if ext["cuda"] else "CPU only"
         archs = f" (archs {ext['cuda_archs']})" if ext["cuda"] else ""
-        print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}")
+        cpu_build = f"CPU code {ext.get('cpu_isa', '?')}, threads {ext.get('cpu_parallel', '?')}"
+        print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}; {cpu_build}")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")

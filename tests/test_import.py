@@ -87,6 +87,11 @@ def test_extension_build_info():
     if not info["loaded"]:
         pytest.skip(f"extension not built: {info['error']}")
     assert info["cpu"]
+    import torch
+
+    if sys.platform.startswith("linux") and torch._C.has_openmp:
+        assert info["cpu_parallel"] == "openmp", (
+            "the extension was built without OpenMP: at::parallel_for would run every CPU kernel on one thread")
     if os.environ.get("RESNET_FAST_EXPECT_CUDA_KERNELS") == "1":
         assert info["cuda"], "the CUDA kernels were not compiled although this build must have them"
         assert info["cuda_archs"], "no CUDA architecture recorded"
