@@ -14,8 +14,8 @@ import torch
 from resnet_fast import _extension
 from resnet_fast.ops import _library  # noqa: F401  (schemas)
 from resnet_fast.ops import update_running_stats
-from resnet_fast.ops.folding import FoldedConv
-from resnet_fast.ops import reference
+from resnet_fast.ops.folding import ConvGeometry, FoldedConv
+from resnet_fast.ops import cpu_conv, reference
 
 _ops = torch.ops.resnet_fast
 # Loading resnet_fast._C registers its CPU/CUDA kernels for the schemas (never raises; see _extension).
@@ -177,3 +177,28 @@ def bn_act_train(
     out, mean, var = _BnActTrain.apply(y, weight, bias, residual, eps, relu)
     update_running_stats(running_mean, running_var, mean, var, y.numel() // y.shape[1], momentum)
     return out
+
+
+def conv_bn_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    geometry: ConvGeometry,
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+    eps: float,
+    residual: Optional[torch.Tensor],
+    relu: bool,
+) -> torch.Tensor:
+    """Training unit from the conv input: the vendor conv, then :func:`bn_act_train`.
+
+    On CPU the conv is oneDNN's or an im2col GEMM, whichever is faster for the shape
+    (``resnet_fast.ops.cpu_conv``); elsewhere ``F.conv2d``. Equivalent PyTorch: see
+    ``resnet_fast.ops.conv_bn_act_train``.
+    """
+    conv = cpu_conv.conv2d if x.device.type == "cpu" else reference.conv2d
+    y = conv(x, weight, conv_bias, geometry)
+    return bn_act_train(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu)
