@@ -437,20 +437,32 @@ void batch_stats_kernel(const T* y, acc_of<T>* mean, acc_of<T>* var, int64_t bat
   for (int64_t c = 0; c < channels; ++c) std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
 }
 
+// y checked and in its working layout, for the ops that take batch statistics of it.
+struct StatisticsInput {
+  Tensor y;
+  Layout layout;
+  at::ScalarType acc_type;
+  int64_t batch, channels, spatial;
+};
+
+StatisticsInput statistics_input(const char* op, const Tensor& y_in) {
+  check_activation(op, "y", y_in);
+  const Layout layout = layout_of(y_in);
+  Tensor y = in_layout(y_in, layout);
+  const int64_t batch = y.size(0), channels = y.size(1), spatial = y.size(2) * y.size(3);
+  TORCH_CHECK(batch * spatial > 0, op, ": y has no elements per channel (shape ", y.sizes(),
+              "); batch statistics need at least one");
+  const auto acc_type = acc_type_of(y);
+  return {std::move(y), layout, acc_type, batch, channels, spatial};
+}
+
 /// Per-channel mean and biased variance over (N, H, W), one read of y.
 ///
 /// Equivalent PyTorch:
 ///   var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), unbiased=False)
 /// Returned as float32 (float64 for float64 y).
 std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& y_in) {
-  constexpr const char* op = "batch_stats";
-  check_activation(op, "y", y_in);
-  const Layout layout = layout_of(y_in);
-  const Tensor y = in_layout(y_in, layout);
-  const auto acc_type = acc_type_of(y);
-  const int64_t batch = y.size(0), channels = y.size(1), spatial = y.size(2) * y.size(3);
-  TORCH_CHECK(batch * spatial > 0, op, ": y has no elements per channel (shape ", y.sizes(),
-              "); batch statistics need at least one");
+  const auto [y, layout, acc_type, batch, channels, spatial] = statistics_input("batch_stats", y_in);
   Tensor mean = at::empty({channels}, y.options().dtype(acc_type));
   Tensor var = at::empty({channels}, y.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "batch_stats_cpu", [&] {
@@ -521,13 +533,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train_forward_cpu(const Tensor& y_in,
                                                             const std::optional<Tensor>& residual_in, double eps,
                                                             bool relu) {
   constexpr const char* op = "bn_act_train_forward";
-  check_activation(op, "y", y_in);
-  const Layout layout = layout_of(y_in);
-  const Tensor y = in_layout(y_in, layout);
-  const auto acc_type = acc_type_of(y);
-  const int64_t batch = y.size(0), channels = y.size(1), spatial = y.size(2) * y.size(3);
-  TORCH_CHECK(batch * spatial > 0, op, ": y has no elements per channel (shape ", y.sizes(),
-              "); batch statistics need at least one");
+  const auto [y, layout, acc_type, batch, channels, spatial] = statistics_input(op, y_in);
   TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
   Tensor weight, bias, residual;
   if (weight_in.has_value()) weight = per_channel(op, "weight", *weight_in, y, acc_type);
