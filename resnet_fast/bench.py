@@ -86,20 +86,6 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last
 
 
-def time_runner(run: Runner, device: torch.device, iterations: int, warmup: int) -> list[float]:
-    """Seconds per call of ``run``, one value per timed iteration, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-    synchronize(device)
-    seconds = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def output_errors(output: Tensor, reference: Tensor) -> tuple[float, float]:
     """``(max |out - ref|, ||out - ref|| / ||ref||)`` in float64; NaN/inf give ``inf``."""
     out = output.detach().to("cpu", torch.float64)
@@ -487,11 +473,16 @@ def build_providers(config: BenchConfig, base_model: nn.Module, images: Tensor, 
 
 
 def measure(config: BenchConfig, providers: list[Provider], images: Tensor) -> None:
-    """Build, check and time every provider in place; failures become rows with a reason, not crashes."""
+    """Build, check and time every provider in place; failures become rows with a reason, not crashes.
+
+    All providers are built first, then timed in interleaved rounds (one call of each per round), so a
+    change in machine load during the run touches every provider alike and the ratios stay comparable.
+    """
     reference_output: Optional[Tensor] = None
+    runners: dict[str, Runner] = {}
     for provider in providers:
         slow_setup = provider.kind == "peer"
-        _progress(f"bench: {provider.label}: " + ("building (may take a while) ..." if slow_setup else "running ..."),
+        _progress(f"bench: {provider.label}: " + ("building (may take a while) ..." if slow_setup else "building ..."),
                   end="")
         start = time.perf_counter()
         try:
@@ -504,6 +495,9 @@ def measure(config: BenchConfig, providers: list[Provider], images: Tensor) -> N
             # outputs come from identical weights too, but first_step_errors redoes it on fresh copies so the
             # comparison does not depend on which providers ran.
             first = first if config.mode == "eval" else None
+            for _ in range(config.warmup):
+                run()
+            synchronize(config.device)
         except PeerUnavailable as error:
             provider.status, provider.note = "skipped", str(error)
             _progress(f" skipped: {error}")
@@ -517,13 +511,25 @@ def measure(config: BenchConfig, providers: list[Provider], images: Tensor) -> N
             if reference_output is None:
                 reference_output = first.detach().clone()
             provider.max_abs_error, provider.relative_error = output_errors(first, reference_output)
-        seconds = time_runner(run, config.device, config.iterations, config.warmup)
-        median = statistics.median(seconds)
+        runners[provider.key] = run
+        _progress(f" first output after {provider.first_output_s:.1f} s")
+
+    timed = [provider for provider in providers if provider.key in runners]
+    seconds: dict[str, list[float]] = {provider.key: [] for provider in timed}
+    for round_index in range(config.iterations):
+        _progress(f"bench: timing round {round_index + 1}/{config.iterations} of {len(timed)} providers", end="\r")
+        for provider in timed:
+            start = time.perf_counter()
+            runners[provider.key]()
+            synchronize(config.device)
+            seconds[provider.key].append(time.perf_counter() - start)
+    _progress("")
+    runners.clear()
+    for provider in timed:
+        median = statistics.median(seconds[provider.key])
         provider.ms_per_batch = 1e3 * median
-        provider.ms_min = 1e3 * min(seconds)
+        provider.ms_min = 1e3 * min(seconds[provider.key])
         provider.images_per_s = config.batch_size / median
-        _progress(f" {provider.ms_per_batch:.1f} ms/batch (first output after {provider.first_output_s:.1f} s)")
-        del run
     eager = next((p for p in providers if p.key == "stock-nchw" and p.ms_per_batch), None)
     for provider in providers:
         if eager is not None and provider.ms_per_batch:
@@ -752,7 +758,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of compilation on 2 CPU cores, so it is opt-in on CPU)")
     parser.add_argument("--memory-format", choices=("auto", "nchw", "channels_last"), default="auto",
                         help="FastResNet's input/weight layout (default: auto = the fastest on the device)")
-    parser.add_argument("--iterations", type=int, help="timed iterations per provider (default: 3 CPU, 30 GPU)")
+    parser.add_argument("--iterations", type=int, help="timed rounds; each round calls every provider once, interleaved (default: 3 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, help="untimed iterations before timing (default: 1 CPU, 10 GPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
