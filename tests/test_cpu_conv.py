@@ -106,8 +106,10 @@ def test_real_measurement_returns_a_known_algorithm(monkeypatch):
     monkeypatch.setattr(cpu_conv, "_choices", {})
     x, weight, _, geometry = _case("3x3-s1", torch.contiguous_format)
     x, weight = x.float().requires_grad_(), weight.float().requires_grad_()
+    rng_before = torch.get_rng_state()
     assert cpu_conv.choose_algorithm(x, weight, None, geometry) in cpu_conv.ALGORITHMS
     assert x.grad is None and weight.grad is None, "measuring must not touch the caller's tensors"
+    assert torch.equal(torch.get_rng_state(), rng_before), "measuring must not advance the global RNG"
 
 
 @pytest.mark.parametrize("algorithm", cpu_conv.ALGORITHMS)

@@ -116,7 +116,10 @@ def choose_algorithm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     key = _key(x, weight, bias, geometry)
     if key not in _choices:
         with torch.no_grad():
-            grad_out = torch.randn_like(onednn_conv2d(x, weight, bias, geometry))
+            out = onednn_conv2d(x, weight, bias, geometry)
+        # A private generator: measuring must not advance the global RNG (bitwise-resumable training).
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
         timings = {name: _seconds_per_step(conv, x, weight, bias, geometry, grad_out)
                    for name, conv in (("onednn", onednn_conv2d), ("gemm", gemm_conv2d))}
         _choices[key] = min(timings, key=timings.get)
