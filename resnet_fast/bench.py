@@ -1,8 +1,9 @@
 """``resnet-fast bench``: time FastResNet against torchvision eager and its peers.
 
 The default job builds torchvision's ResNet-50 (random init, seeded), a
-FastResNet with the same weights, checks that both give the same outputs, then
-times every provider on one batch and prints a table::
+FastResNet with the same weights, checks that both give the same outputs, builds
+every provider, then times them on one batch in interleaved rounds (one call of
+each per round, so load changes touch all alike) and prints a table of medians::
 
     provider                      ms/batch  images/s  vs eager  first output  max err
     torchvision eager (NCHW)         ...
