@@ -42,7 +42,7 @@ using at::Tensor;
 // Elements per parallel task: large enough to amortise scheduling, small enough to balance 2+ cores.
 constexpr int64_t kGrainElements = 1 << 15;
 // Elements per tensor in one NCHW channel block (64 KB of fp32): the backward's five tensors
-// then take ~320 KB, inside a 512 KB L2.
+// then take ~320 KB, inside a 512 KB (or larger) L2.
 constexpr int64_t kCacheBlockElements = 1 << 14;
 // Vector steps (NCHW) or rows (channels_last) a reduction sums in the accumulation type before
 // flushing into fp64. The hot loop stays in fp32 vector registers, and with 16 values per lane
@@ -418,9 +418,12 @@ acc_of<T> channel_pivot(const T* y, int64_t channel, int64_t spatial, Layout lay
   return static_cast<acc_of<T>>(layout == Layout::kNchw ? y[channel * spatial] : y[channel]);
 }
 
-template <typename T>
+// Per-channel mean and biased variance of y into mean/var; then on_channels(begin, end) for each
+// range of channels whose statistics are final: in NCHW each cache block right after its
+// reduction (while the block is still in cache), in channels_last all channels at once.
+template <typename T, typename OnChannels>
 void batch_stats_kernel(const T* y, acc_of<T>* mean, acc_of<T>* var, int64_t batch, int64_t channels,
-                        int64_t spatial, Layout layout) {
+                        int64_t spatial, Layout layout, const OnChannels& on_channels) {
   using acc_t = acc_of<T>;
   const int64_t count = batch * spatial;
   const ShiftedMoments<T> term{y};
@@ -430,11 +433,14 @@ void batch_stats_kernel(const T* y, acc_of<T>* mean, acc_of<T>* var, int64_t bat
   if (layout == Layout::kNchw) {
     for_each_channel_block(batch, channels, spatial, [&](int64_t begin, int64_t end) {
       channel_block_sums<acc_t>(term, pivot.data(), begin, end, batch, channels, spatial, sums.data());
+      for (int64_t c = begin; c < end; ++c) std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
+      on_channels(begin, end);
     });
-  } else {
-    channel_sums_channels_last<acc_t>(term, pivot.data(), count, channels, sums);
+    return;
   }
+  channel_sums_channels_last<acc_t>(term, pivot.data(), count, channels, sums);
   for (int64_t c = 0; c < channels; ++c) std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
+  on_channels(0, channels);
 }
 
 // y checked and in its working layout, for the ops that take batch statistics of it.
@@ -468,7 +474,8 @@ std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& y_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "batch_stats_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     batch_stats_kernel<scalar_t>(y.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-                                        var.mutable_data_ptr<acc_t>(), batch, channels, spatial, layout);
+                                 var.mutable_data_ptr<acc_t>(), batch, channels, spatial, layout,
+                                 [](int64_t, int64_t) {});
   });
   return {mean, var};
 }
@@ -481,42 +488,27 @@ void bn_act_train_forward_kernel(const T* y, const acc_of<T>* weight, const acc_
                                  T* out, acc_of<T>* mean, acc_of<T>* var, acc_of<T> eps, int64_t batch,
                                  int64_t channels, int64_t spatial, Layout layout) {
   using acc_t = acc_of<T>;
-  auto affine_of = [&](int64_t c) {
-    return bn_train_affine<acc_t>(mean[c], var[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), eps);
-  };
-  if (layout == Layout::kNchw) {
-    // Statistics, then normalisation, one channel block at a time: the block is still in cache
-    // for the second read, so y is read from memory once.
-    const int64_t count = batch * spatial;
-    const ShiftedMoments<T> term{y};
-    std::vector<acc_t> pivot(channels), scale(channels), shift(channels);
-    for (int64_t c = 0; c < channels; ++c) pivot[c] = channel_pivot(y, c, spatial, layout);
-    std::vector<ChannelSums> sums(channels);
-    for_each_channel_block(batch, channels, spatial, [&](int64_t begin, int64_t end) {
-      channel_block_sums<acc_t>(term, pivot.data(), begin, end, batch, channels, spatial, sums.data());
-      for (int64_t c = begin; c < end; ++c) {
-        std::tie(mean[c], var[c]) = channel_stats(count, pivot[c], sums[c]);
-        const auto affine = affine_of(c);
-        scale[c] = affine.scale;
-        shift[c] = affine.shift;
-      }
+  std::vector<acc_t> scale(channels), shift(channels);
+  // NCHW: each channel block is normalised right after its statistics, still in cache, so y is read
+  // from memory once. channels_last: a channel is spread over the whole tensor, so the statistics
+  // are a full pass of their own before the elementwise pass.
+  batch_stats_kernel<T>(y, mean, var, batch, channels, spatial, layout, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const auto affine = bn_train_affine<acc_t>(mean[c], var[c], weight ? weight[c] : acc_t(1),
+                                                 bias ? bias[c] : acc_t(0), eps);
+      scale[c] = affine.scale;
+      shift[c] = affine.shift;
+    }
+    if (layout == Layout::kNchw) {
       for_each_plane(begin, end, batch, channels, spatial, [&](int64_t base, int64_t c) {
         bn_act_forward_run<kRelu, kResidual>(y + base, kResidual ? residual + base : nullptr, out + base, spatial,
                                              ChannelConstant<acc_t>{scale[c]}, ChannelConstant<acc_t>{shift[c]});
       });
-    });
-    return;
-  }
-  // channels_last: a channel is spread over the whole tensor, so statistics are a full pass of their own.
-  batch_stats_kernel<T>(y, mean, var, batch, channels, spatial, layout);
-  std::vector<acc_t> scale(channels), shift(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const auto affine = affine_of(c);
-    scale[c] = affine.scale;
-    shift[c] = affine.shift;
-  }
-  bn_act_forward_kernel<kRelu, kResidual, T>(y, scale.data(), shift.data(), residual, out, batch, channels, spatial,
-                                             layout);
+    } else {
+      bn_act_forward_kernel<kRelu, kResidual, T>(y, scale.data(), shift.data(), residual, out, batch, channels,
+                                                 spatial, layout);
+    }
+  });
 }
 
 /// Batch statistics of y, then out = act(batch_norm(y) + residual): the training forward in one op.

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from resnet_fast.ops import conv_output_shape
 from resnet_fast.ops.folding import ConvGeometry
 
 ALGORITHMS = ("onednn", "gemm")
@@ -49,26 +50,18 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     batch, out_channels = x.shape[0], weight.shape[0]
     kernel = tuple(weight.shape[-2:])
     columns = F.unfold(x, kernel, dilation=geometry.dilation, padding=geometry.padding, stride=geometry.stride)
-    out_h, out_w = _output_size(x, kernel, geometry)
+    _, _, out_h, out_w = conv_output_shape(x, weight, geometry)
     rows = columns.transpose(1, 2).reshape(batch * out_h * out_w, columns.shape[1])
     matrix = weight.reshape(out_channels, -1).t()
     out = rows @ matrix if bias is None else torch.addmm(bias, rows, matrix)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
 
-def _output_size(x: torch.Tensor, kernel: tuple, geometry: ConvGeometry) -> tuple[int, int]:
-    sizes = []
-    for dim in range(2):
-        span = geometry.dilation[dim] * (kernel[dim] - 1) + 1
-        sizes.append((x.shape[2 + dim] + 2 * geometry.padding[dim] - span) // geometry.stride[dim] + 1)
-    return sizes[0], sizes[1]
-
-
 def _gemm_eligible(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry) -> bool:
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() == 4 and geometry.groups == 1):
         return False
-    out_h, out_w = _output_size(x, tuple(weight.shape[-2:]), geometry)
+    _, _, out_h, out_w = conv_output_shape(x, weight, geometry)
     column_bytes = x.shape[0] * out_h * out_w * weight[0].numel() * x.element_size()
     return out_h > 0 and out_w > 0 and column_bytes <= MAX_COLUMN_BYTES
 

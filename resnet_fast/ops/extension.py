@@ -1,6 +1,6 @@
 """The ``extension`` backend: the compiled kernels of ``resnet_fast._C`` (CPU and CUDA).
 
-The C++/CUDA side implements three primitive ops (schemas in ``_library.py``);
+The C++/CUDA side implements four primitive ops (schemas in ``_library.py``);
 this module composes them into the two units every backend provides, with the
 training unit's autograd: one fused op forward, one fused op backward.
 """
