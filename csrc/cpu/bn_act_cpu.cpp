@@ -22,18 +22,9 @@
 #include <vector>
 
 #include "bn_act.h"
+#include "lane_select_vec.h"
 
 namespace resnet_fast {
-
-// The shared math's two selects on whole vectors (NaN rules as in bn_act.h: compares are false on NaN).
-template <typename acc_t>
-struct LaneSelect<at::vec::Vectorized<acc_t>> {
-  using Vec = at::vec::Vectorized<acc_t>;
-  static Vec relu_keep_nan(const Vec& v) { return Vec::blendv(v, Vec(acc_t(0)), v < Vec(acc_t(0))); }
-  static Vec grad_where_positive(const Vec& grad, const Vec& out) {
-    return Vec::blendv(grad, Vec(acc_t(0)), out <= Vec(acc_t(0)));
-  }
-};
 
 namespace {
 

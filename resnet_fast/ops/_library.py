@@ -33,6 +33,15 @@ _lib.define(
     "bool relu, bool residual_grad) -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)"
 )
 
+# Winograd F(2x2, 3x3) weight transform of a (K, C, 3, 3) weight: float32 (16, ceil(K/16), C, 16) panels.
+_lib.define("winograd_weight(Tensor weight) -> Tensor")
+# act(conv2d(x, weight, bias, padding=1) + residual) for a 3x3 stride-1 weight given as winograd_weight(weight);
+# float32, output channels_last.
+_lib.define("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu) -> Tensor")
+
+WINOGRAD_POSITIONS = 16
+WINOGRAD_PANEL_COLUMNS = 16
+
 
 def _stats_dtype(y: torch.Tensor) -> torch.dtype:
     return torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -73,3 +82,18 @@ def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, residual
         y.new_empty((channels,), dtype=_stats_dtype(y)),
         grad_residual,
     )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::winograd_weight")
+def _winograd_weight_fake(weight):
+    torch._check(weight.dim() == 4, lambda: f"winograd_weight: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    panels = (out_channels + WINOGRAD_PANEL_COLUMNS - 1) // WINOGRAD_PANEL_COLUMNS
+    return weight.new_empty((WINOGRAD_POSITIONS, panels, in_channels, WINOGRAD_PANEL_COLUMNS), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::winograd_conv3x3")
+def _winograd_conv3x3_fake(x, packed_weight, bias, residual, relu):
+    torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-d (N, C, H, W), got {tuple(x.shape)}")
+    batch, _, height, width = x.shape
+    return x.new_empty((batch, bias.shape[0], height, width)).contiguous(memory_format=torch.channels_last)

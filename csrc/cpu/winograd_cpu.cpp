@@ -1,0 +1,345 @@
+// Winograd F(2x2, 3x3) convolution for CPU float32 inference (3x3, stride 1, padding 1, groups 1),
+// with the folded-BN bias, the residual add and ReLU applied as each output tile is stored.
+//
+// Why: oneDNN's direct 3x3 convolution already runs near this class of machine's FMA peak, so
+// going faster means fewer multiplies. F(2x2, 3x3) makes each 2x2 output tile from a 4x4 input
+// patch with 16 instead of 36 multiply-adds per (input, output) channel pair. Its data transforms
+// are additions only (the weight transform's halves are done once, in float64), so the result is
+// as accurate as the direct convolution; F(4x4, 3x3) would save more but its float32 error is
+// several times the stock path's, outside the project's tolerance rule.
+//
+// Per task (a chunk of tiles x a range of output-channel panels), all in a per-thread workspace:
+//   1. input transform:  V[p] = B^T d B for each tile's 4x4 patch d, channels vectorised;
+//   2. 16 matrix products M[p] (tiles x K) = V[p] (tiles x C) * U[p] (C x K), U = G g G^T
+//      pre-packed once per layer (winograd_weight) in 16-column panels;
+//   3. output transform: out = act(A^T M A + bias + residual), stored channels_last.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "lane_select_vec.h"
+
+namespace resnet_fast {
+namespace {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kPositions = 16;                  // 4x4 transform-domain points, one matrix product each
+constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weight panel / micro-kernel
+constexpr int64_t kPanelRows = 6;                   // tiles per micro-kernel: 6 x 2 accumulators + 3 live = 15 registers
+// Workspace per task (V and M, float) aimed at a per-core L2; larger channel counts get the
+// minimum tile count instead, since the products then dominate the workspace traffic.
+constexpr int64_t kWorkspaceBudgetBytes = 512 << 10;
+constexpr int64_t kMinTilesPerTask = 8 * kPanelRows;
+constexpr int64_t kMaxTilesPerTask = 40 * kPanelRows;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline Vec load(const float* p, int64_t count) {
+  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+inline void store(float* p, const Vec& v, int64_t count) {
+  if (count == Vec::size()) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
+// The weight transform U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
+// in float64, packed as (16 positions, K panels, C, 16 output channels), zero beyond K.
+Tensor winograd_weight_cpu(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "winograd_weight: weight must be (K, C, 3, 3), got shape ", weight.sizes());
+  TORCH_CHECK(weight.device().is_cpu(), "winograd_weight: weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK(weight.is_floating_point(), "winograd_weight: weight must be floating point, got ", weight.scalar_type());
+  const int64_t out_channels = weight.size(0), in_channels = weight.size(1);
+  const int64_t panels = ceil_div(out_channels, kPanelColumns);
+  const Tensor g = weight.to(at::kDouble).contiguous();
+  Tensor packed = at::zeros({kPositions, panels, in_channels, kPanelColumns}, weight.options().dtype(at::kFloat));
+  const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  const double* g_data = g.const_data_ptr<double>();
+  float* u = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, out_channels, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      for (int64_t c = 0; c < in_channels; ++c) {
+        const double* kernel = g_data + (k * in_channels + c) * 9;
+        double gk[4][3];  // G g
+        for (int i = 0; i < 4; ++i) {
+          for (int b = 0; b < 3; ++b) {
+            gk[i][b] = G[i][0] * kernel[b] + G[i][1] * kernel[3 + b] + G[i][2] * kernel[6 + b];
+          }
+        }
+        for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 4; ++j) {
+            const double value = gk[i][0] * G[j][0] + gk[i][1] * G[j][1] + gk[i][2] * G[j][2];
+            const int64_t p = i * 4 + j;
+            u[((p * panels + k / kPanelColumns) * in_channels + c) * kPanelColumns + k % kPanelColumns] =
+                static_cast<float>(value);
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// c[r][0:16] = sum_d a_r[d] * b[d][0:16] for the 6 rows a_r = a + r * lda (the tiles' V rows) and
+// one 16-column weight panel b (depth x 16, contiguous); c rows are ldc apart.
+inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t depth, float* c, int64_t ldc) {
+  Vec acc[kPanelRows][2];
+  for (int r = 0; r < kPanelRows; ++r) {
+    acc[r][0] = Vec(0.f);
+    acc[r][1] = Vec(0.f);
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    const Vec b0 = Vec::loadu(b + d * kPanelColumns);
+    const Vec b1 = Vec::loadu(b + d * kPanelColumns + Vec::size());
+    for (int r = 0; r < kPanelRows; ++r) {
+      const Vec a_rd(a[r * lda + d]);
+      acc[r][0] = at::vec::fmadd(a_rd, b0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(a_rd, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kPanelRows; ++r) {
+    acc[r][0].store(c + r * ldc);
+    acc[r][1].store(c + r * ldc + Vec::size());
+  }
+}
+
+struct Geometry {
+  int64_t batch, in_channels, out_channels, height, width;
+  int64_t tiles_h, tiles_w, tiles;
+  int64_t panels;  // weight panels of kPanelColumns output channels
+};
+
+// Which tile (image, top-left output pixel) a flat tile index is.
+struct TileOrigin {
+  int64_t image, row, col;
+};
+
+inline TileOrigin tile_origin(const Geometry& geo, int64_t tile) {
+  const int64_t per_image = geo.tiles_h * geo.tiles_w;
+  const int64_t in_image = tile % per_image;
+  return {tile / per_image, 2 * (in_image / geo.tiles_w), 2 * (in_image % geo.tiles_w)};
+}
+
+// V[p][t][0:C] for one tile: B^T d B over its 4x4 input patch (zeros outside the image).
+void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin, float* v, int64_t position_stride) {
+  const float* patch[4][4];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = origin.row - 1 + i;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = origin.col - 1 + j;
+      const bool inside = row >= 0 && row < geo.height && col >= 0 && col < geo.width;
+      patch[i][j] = inside ? x + ((origin.image * geo.height + row) * geo.width + col) * geo.in_channels : nullptr;
+    }
+  }
+  for (int64_t c = 0; c < geo.in_channels; c += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), geo.in_channels - c);
+    Vec d[4][4];
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        d[i][j] = patch[i][j] ? load(patch[i][j] + c, count) : Vec(0.f);
+      }
+    }
+    // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], applied to columns then rows.
+    Vec t[4][4];
+    for (int j = 0; j < 4; ++j) {
+      t[0][j] = d[0][j] - d[2][j];
+      t[1][j] = d[1][j] + d[2][j];
+      t[2][j] = d[2][j] - d[1][j];
+      t[3][j] = d[1][j] - d[3][j];
+    }
+    for (int i = 0; i < 4; ++i) {
+      float* row = v + (i * 4) * position_stride + c;
+      store(row, t[i][0] - t[i][2], count);
+      store(row + position_stride, t[i][1] + t[i][2], count);
+      store(row + 2 * position_stride, t[i][2] - t[i][1], count);
+      store(row + 3 * position_stride, t[i][1] - t[i][3], count);
+    }
+  }
+}
+
+// out pixels of one tile, channels [k_begin, k_end): act(A^T M A + bias + residual),
+// A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]. m points at M[0][t][k_begin].
+template <bool kRelu, bool kResidual>
+void transform_output_tile(const float* m, int64_t position_stride, const Geometry& geo, TileOrigin origin,
+                           int64_t k_begin, int64_t k_end, const float* bias, const float* residual, float* out) {
+  const bool second_row = origin.row + 1 < geo.height, second_col = origin.col + 1 < geo.width;
+  const int64_t pixel = (origin.image * geo.height + origin.row) * geo.width + origin.col;
+  const int64_t row_step = geo.width * geo.out_channels;
+  for (int64_t k = k_begin; k < k_end; k += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), k_end - k);
+    const float* mk = m + (k - k_begin);
+    Vec s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const Vec m0 = load(mk + j * position_stride, count), m1 = load(mk + (4 + j) * position_stride, count);
+      const Vec m2 = load(mk + (8 + j) * position_stride, count), m3 = load(mk + (12 + j) * position_stride, count);
+      s[0][j] = m0 + m1 + m2;
+      s[1][j] = m1 - m2 - m3;
+    }
+    const Vec b = load(bias + k, count);
+    for (int i = 0; i < 2; ++i) {
+      if (i == 1 && !second_row) break;
+      const Vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
+      for (int j = 0; j < 2; ++j) {
+        if (j == 1 && !second_col) break;
+        const int64_t offset = pixel * geo.out_channels + i * row_step + j * geo.out_channels + k;
+        Vec value = y[j] + b;
+        if constexpr (kResidual) value = value + load(residual + offset, count);
+        if constexpr (kRelu) value = LaneSelect<Vec>::relu_keep_nan(value);
+        store(out + offset, value, count);
+      }
+    }
+  }
+}
+
+// Splits the tiles into chunks and, when there are fewer chunks than threads, the output
+// channels into panel ranges, so every thread has work.
+struct Schedule {
+  int64_t tiles_per_chunk, chunks, panel_splits;
+};
+
+Schedule schedule_for(const Geometry& geo) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t bytes_per_tile = kPositions * (geo.in_channels + geo.panels * kPanelColumns) * sizeof(float);
+  int64_t per_chunk = std::clamp(kWorkspaceBudgetBytes / bytes_per_tile, kMinTilesPerTask, kMaxTilesPerTask);
+  // Whole chunks for every thread, balanced, in multiples of the micro-kernel's rows.
+  int64_t chunks = ceil_div(geo.tiles, per_chunk);
+  chunks = ceil_div(chunks, threads) * threads;
+  per_chunk = ceil_div(ceil_div(geo.tiles, chunks), kPanelRows) * kPanelRows;
+  chunks = ceil_div(geo.tiles, per_chunk);
+  const int64_t panel_splits = chunks >= threads ? 1 : std::min(geo.panels, ceil_div(threads, chunks));
+  return {per_chunk, chunks, panel_splits};
+}
+
+template <bool kRelu, bool kResidual>
+void winograd_kernel(const float* x, const float* u, const float* bias, const float* residual, float* out,
+                     const Geometry& geo, const Schedule& plan) {
+  const int64_t rows = plan.tiles_per_chunk;  // a multiple of kPanelRows
+  const int64_t max_panels = ceil_div(geo.panels, plan.panel_splits);
+  at::parallel_for(0, plan.chunks * plan.panel_splits, 1, [&](int64_t task_begin, int64_t task_end) {
+    // Kept per thread across calls: a fresh multi-megabyte buffer per call costs page faults.
+    thread_local std::vector<float> workspace;
+    const int64_t v_size = kPositions * rows * geo.in_channels;
+    const int64_t m_stride = max_panels * kPanelColumns;  // M row length
+    workspace.resize(std::max<size_t>(workspace.size(), v_size + kPositions * rows * m_stride));
+    float* v = workspace.data();
+    float* m = v + v_size;
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t chunk = task / plan.panel_splits, split = task % plan.panel_splits;
+      const int64_t first_tile = chunk * rows;
+      const int64_t tiles = std::min(rows, geo.tiles - first_tile);
+      const int64_t panel_begin = split * max_panels, panel_end = std::min(geo.panels, panel_begin + max_panels);
+      if (panel_begin >= panel_end) continue;
+      const int64_t k_begin = panel_begin * kPanelColumns;
+      const int64_t k_end = std::min(geo.out_channels, panel_end * kPanelColumns);
+
+      const int64_t v_position_stride = rows * geo.in_channels;
+      for (int64_t t = 0; t < tiles; ++t) {
+        transform_input_tile(x, geo, tile_origin(geo, first_tile + t), v + t * geo.in_channels, v_position_stride);
+      }
+      // Rows past the last tile feed only discarded products; zeros keep them finite.
+      for (int64_t p = 0; p < kPositions; ++p) {
+        std::fill(v + p * v_position_stride + tiles * geo.in_channels, v + (p + 1) * v_position_stride, 0.f);
+      }
+
+      const int64_t m_position_stride = rows * m_stride;
+      const int64_t used_rows = ceil_div(tiles, kPanelRows) * kPanelRows;
+      for (int64_t p = 0; p < kPositions; ++p) {
+        for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+          const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
+          for (int64_t r = 0; r < used_rows; r += kPanelRows) {
+            micro_kernel(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
+                         m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
+          }
+        }
+      }
+
+      for (int64_t t = 0; t < tiles; ++t) {
+        transform_output_tile<kRelu, kResidual>(m + t * m_stride, m_position_stride, geo,
+                                                tile_origin(geo, first_tile + t), k_begin, k_end, bias, residual,
+                                                out);
+      }
+    }
+  });
+}
+
+Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                            const std::optional<Tensor>& residual, bool relu) {
+  constexpr const char* op = "winograd_conv3x3";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-d (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": x must be a float32 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == kPositions &&
+                  packed_weight.size(2) == x.size(1) && packed_weight.size(3) == kPanelColumns,
+              op, ": packed_weight must come from winograd_weight for ", x.size(1), " input channels (shape (",
+              kPositions, ", panels, ", x.size(1), ", ", kPanelColumns, ")), got shape ", packed_weight.sizes());
+  TORCH_CHECK(packed_weight.device().is_cpu() && packed_weight.scalar_type() == at::kFloat &&
+                  packed_weight.is_contiguous(),
+              op, ": packed_weight must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(bias.dim() == 1 && ceil_div(bias.numel(), kPanelColumns) == packed_weight.size(1), op,
+              ": bias must have one value per output channel of packed_weight, got shape ", bias.sizes());
+  TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat, op, ": bias must be a float32 CPU tensor");
+
+  const Geometry geo = [&] {
+    Geometry g{x.size(0), x.size(1), bias.numel(), x.size(2), x.size(3), 0, 0, 0, packed_weight.size(1)};
+    g.tiles_h = ceil_div(g.height, 2);
+    g.tiles_w = ceil_div(g.width, 2);
+    g.tiles = g.batch * g.tiles_h * g.tiles_w;
+    return g;
+  }();
+  Tensor residual_cl;
+  if (residual.has_value()) {
+    const Tensor& r = *residual;
+    TORCH_CHECK(r.sizes() == at::IntArrayRef({geo.batch, geo.out_channels, geo.height, geo.width}), op,
+                ": residual shape ", r.sizes(), " does not match the output shape ",
+                at::IntArrayRef({geo.batch, geo.out_channels, geo.height, geo.width}));
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat, op, ": residual must be a float32 CPU tensor, got ",
+                r.scalar_type(), " on ", r.device());
+    residual_cl = r.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  const Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor bias_c = bias.contiguous();
+  Tensor out = at::empty({geo.batch, geo.out_channels, geo.height, geo.width},
+                         x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  if (geo.in_channels == 0) {
+    // No input channels: the convolution is zero, the output is act(bias + residual).
+    Tensor value = bias_c.view({1, -1, 1, 1}).expand_as(out);
+    if (residual.has_value()) value = value + residual_cl;
+    out.copy_(relu ? value.relu() : value);
+    return out;
+  }
+  const Schedule plan = schedule_for(geo);
+  const float* residual_data = residual.has_value() ? residual_cl.const_data_ptr<float>() : nullptr;
+  auto run = [&](auto relu_tag, auto residual_tag) {
+    winograd_kernel<decltype(relu_tag)::value, decltype(residual_tag)::value>(
+        x_cl.const_data_ptr<float>(), packed_weight.const_data_ptr<float>(), bias_c.const_data_ptr<float>(),
+        residual_data, out.mutable_data_ptr<float>(), geo, plan);
+  };
+  if (relu) {
+    residual.has_value() ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+  } else {
+    residual.has_value() ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("winograd_weight", &winograd_weight_cpu);
+  m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+}
+
+}  // namespace resnet_fast
