@@ -474,9 +474,10 @@ def test_conv_bias_act_fallback_epilogue(case, layout, monkeypatch):
     _check_conv_unit(torch.float32, case, layout, layout, True, True)
 
 
-def test_conv_bias_act_packed_weight_is_cached_and_works_for_other_input_sizes():
+def test_conv_bias_act_packed_weight_is_cached_and_works_for_other_input_sizes(monkeypatch):
     if not ext._mkldnn_available():
         pytest.skip("oneDNN fused convolution ops are not available in this torch build")
+    monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "onednn")
     folded = FoldedConv(torch.randn(6, 4, 3, 3), torch.randn(6), ConvGeometry((1, 1), (1, 1), (1, 1), 1))
     with torch.no_grad():
         ext.conv_bias_act(torch.randn(2, 4, 9, 9), folded, None, True)

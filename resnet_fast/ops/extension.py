@@ -1,6 +1,6 @@
 """The ``extension`` backend: the compiled kernels of ``resnet_fast._C`` (CPU and CUDA).
 
-The C++/CUDA side implements four primitive ops (schemas in ``_library.py``);
+The C++/CUDA side implements the primitive ops (schemas in ``_library.py``);
 this module composes them into the two units every backend provides, with the
 training unit's autograd: one fused op forward, one fused op backward.
 """
@@ -8,6 +8,8 @@ training unit's autograd: one fused op forward, one fused op backward.
 from __future__ import annotations
 
 from typing import Optional
+
+import os
 
 import torch
 
@@ -84,12 +86,53 @@ def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optiona
         x, residual, packed, bias, *geometry, "add", None, "relu" if relu else None, [None], "")
 
 
+CONV3X3_ALGORITHMS = ("auto", "winograd", "onednn")
+
+
+def cpu_conv3x3_algorithm() -> str:
+    """``"winograd"`` or ``"onednn"``: who runs CPU float32 3x3 stride-1 inference convolutions.
+
+    ``RESNET_FAST_CPU_CONV3X3=winograd|onednn`` forces one. ``auto`` (the default) takes the
+    Winograd kernel (2.25x fewer multiplies, vectorised for AVX2) except where torch reports
+    AVX-512, whose twice-as-wide oneDNN convolution it has not been measured against.
+    """
+    value = os.environ.get("RESNET_FAST_CPU_CONV3X3", "auto").strip().lower()
+    if value not in CONV3X3_ALGORITHMS:
+        raise ValueError(f"RESNET_FAST_CPU_CONV3X3 must be one of {', '.join(CONV3X3_ALGORITHMS)}; got {value!r}")
+    if value == "auto":
+        return "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "winograd"
+    return value
+
+
+def _winograd_eligible(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor]) -> bool:
+    g, weight = folded.geometry, folded.weight
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and weight.dtype == torch.float32
+            and tuple(weight.shape[-2:]) == (3, 3) and weight.shape[1] == x.shape[1]
+            and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1) and tuple(g.dilation) == (1, 1)
+            and g.groups == 1 and (residual is None or residual.dtype == torch.float32)
+            and cpu_conv3x3_algorithm() == "winograd")
+
+
+def _winograd_packed_weight(folded: FoldedConv) -> torch.Tensor:
+    """The folded weight's Winograd transform, made once and cached in ``folded.packed["winograd"]``."""
+    key = (folded.weight.data_ptr(), folded.weight._version)
+    cached = folded.packed.get("winograd")
+    if cached is None or cached[0] != key:
+        cached = (key, _ops.winograd_weight(folded.weight.detach()))
+        folded.packed["winograd"] = cached
+    return cached[1]
+
+
 def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """Inference unit: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
 
     Equivalent PyTorch: ``relu(conv2d(x, folded.weight, folded.bias, **geometry) + residual)``.
 
-    * CPU float32 (and bfloat16 where oneDNN supports it on this CPU): one oneDNN
+    * CPU float32 3x3 stride 1 (the residual blocks' main convolution): resnet_fast's Winograd
+      F(2x2, 3x3) kernel with bias, residual and ReLU fused into its output transform, on a
+      weight transformed once (cached in ``folded.packed["winograd"]``); output channels_last.
+      See :func:`cpu_conv3x3_algorithm`.
+    * Other CPU float32 (and bfloat16 where oneDNN supports it on this CPU): one oneDNN
       convolution with the bias, residual add and ReLU as post-ops, on a weight
       pre-packed once (cached in ``folded.packed["mkldnn"]``). Channels_last is the
       working layout: an NCHW input/residual is converted once, and the output is
@@ -101,6 +144,9 @@ def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.
     """
     if _needs_grad(x, folded.weight, folded.bias, residual):
         return reference.conv_bias_act(x, folded, residual, relu)
+    if _winograd_eligible(x, folded, residual):
+        bias = folded.bias.detach().to(torch.float32)
+        return _ops.winograd_conv3x3(x, _winograd_packed_weight(folded), bias, residual, relu)
     out = _conv_bias_act_mkldnn(x, folded, residual, relu)
     if out is not None:
         return out
