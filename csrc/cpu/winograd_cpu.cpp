@@ -24,35 +24,18 @@
 #include <vector>
 
 #include "lane_select_vec.h"
+#include "micro_kernel.h"
 
 namespace resnet_fast {
 namespace {
 
 using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
-
-constexpr int64_t kPositions = 16;                  // 4x4 transform-domain points, one matrix product each
-constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weight panel / micro-kernel
-constexpr int64_t kPanelRows = 6;                   // tiles per micro-kernel: 6 x 2 accumulators + 3 live = 15 registers
+constexpr int64_t kPositions = 16;  // 4x4 transform-domain points, one matrix product each
 // Workspace per task (V and M, float) aimed at a per-core L2; larger channel counts get the
 // minimum tile count instead, since the products then dominate the workspace traffic.
 constexpr int64_t kWorkspaceBudgetBytes = 512 << 10;
 constexpr int64_t kMinTilesPerTask = 8 * kPanelRows;
 constexpr int64_t kMaxTilesPerTask = 40 * kPanelRows;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline Vec load(const float* p, int64_t count) {
-  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
-}
-
-inline void store(float* p, const Vec& v, int64_t count) {
-  if (count == Vec::size()) {
-    v.store(p);
-  } else {
-    v.store(p, count);
-  }
-}
 
 // The weight transform U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
 // in float64, packed as (16 positions, K panels, C, 16 output channels), zero beyond K.
@@ -92,27 +75,11 @@ Tensor winograd_weight_cpu(const Tensor& weight) {
   return packed;
 }
 
-// c[r][0:16] = sum_d a_r[d] * b[d][0:16] for the 6 rows a_r = a + r * lda (the tiles' V rows) and
-// one 16-column weight panel b (depth x 16, contiguous); c rows are ldc apart.
-inline void micro_kernel(const float* a, int64_t lda, const float* b, int64_t depth, float* c, int64_t ldc) {
-  Vec acc[kPanelRows][2];
-  for (int r = 0; r < kPanelRows; ++r) {
-    acc[r][0] = Vec(0.f);
-    acc[r][1] = Vec(0.f);
-  }
-  for (int64_t d = 0; d < depth; ++d) {
-    const Vec b0 = Vec::loadu(b + d * kPanelColumns);
-    const Vec b1 = Vec::loadu(b + d * kPanelColumns + Vec::size());
-    for (int r = 0; r < kPanelRows; ++r) {
-      const Vec a_rd(a[r * lda + d]);
-      acc[r][0] = at::vec::fmadd(a_rd, b0, acc[r][0]);
-      acc[r][1] = at::vec::fmadd(a_rd, b1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < kPanelRows; ++r) {
-    acc[r][0].store(c + r * ldc);
-    acc[r][1].store(c + r * ldc + Vec::size());
-  }
+// c[r][0:16] = the product of 6 V rows (lda apart) and one 16-column weight panel; c rows ldc apart.
+inline void panel_product(const float* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc) {
+  const float* rows[kPanelRows];
+  for (int r = 0; r < kPanelRows; ++r) rows[r] = a + r * lda;
+  micro_kernel(rows, panel, depth, c, ldc);
 }
 
 struct Geometry {
@@ -148,7 +115,7 @@ void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin
     Vec d[4][4];
     for (int i = 0; i < 4; ++i) {
       for (int j = 0; j < 4; ++j) {
-        d[i][j] = patch[i][j] ? load(patch[i][j] + c, count) : Vec(0.f);
+        d[i][j] = patch[i][j] ? load_partial(patch[i][j] + c, count) : Vec(0.f);
       }
     }
     // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], applied to columns then rows.
@@ -161,10 +128,10 @@ void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin
     }
     for (int i = 0; i < 4; ++i) {
       float* row = v + (i * 4) * position_stride + c;
-      store(row, t[i][0] - t[i][2], count);
-      store(row + position_stride, t[i][1] + t[i][2], count);
-      store(row + 2 * position_stride, t[i][2] - t[i][1], count);
-      store(row + 3 * position_stride, t[i][1] - t[i][3], count);
+      store_partial(row, t[i][0] - t[i][2], count);
+      store_partial(row + position_stride, t[i][1] + t[i][2], count);
+      store_partial(row + 2 * position_stride, t[i][2] - t[i][1], count);
+      store_partial(row + 3 * position_stride, t[i][1] - t[i][3], count);
     }
   }
 }
@@ -182,12 +149,12 @@ void transform_output_tile(const float* m, int64_t position_stride, const Geomet
     const float* mk = m + (k - k_begin);
     Vec s[2][4];
     for (int j = 0; j < 4; ++j) {
-      const Vec m0 = load(mk + j * position_stride, count), m1 = load(mk + (4 + j) * position_stride, count);
-      const Vec m2 = load(mk + (8 + j) * position_stride, count), m3 = load(mk + (12 + j) * position_stride, count);
+      const Vec m0 = load_partial(mk + j * position_stride, count), m1 = load_partial(mk + (4 + j) * position_stride, count);
+      const Vec m2 = load_partial(mk + (8 + j) * position_stride, count), m3 = load_partial(mk + (12 + j) * position_stride, count);
       s[0][j] = m0 + m1 + m2;
       s[1][j] = m1 - m2 - m3;
     }
-    const Vec b = load(bias + k, count);
+    const Vec b = load_partial(bias + k, count);
     for (int i = 0; i < 2; ++i) {
       if (i == 1 && !second_row) break;
       const Vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
@@ -195,9 +162,9 @@ void transform_output_tile(const float* m, int64_t position_stride, const Geomet
         if (j == 1 && !second_col) break;
         const int64_t offset = pixel * geo.out_channels + i * row_step + j * geo.out_channels + k;
         Vec value = y[j] + b;
-        if constexpr (kResidual) value = value + load(residual + offset, count);
+        if constexpr (kResidual) value = value + load_partial(residual + offset, count);
         if constexpr (kRelu) value = LaneSelect<Vec>::relu_keep_nan(value);
-        store(out + offset, value, count);
+        store_partial(out + offset, value, count);
       }
     }
   }
@@ -259,7 +226,7 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
         for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
           const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
           for (int64_t r = 0; r < used_rows; r += kPanelRows) {
-            micro_kernel(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
+            panel_product(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
                          m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
           }
         }

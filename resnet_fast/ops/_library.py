@@ -38,9 +38,8 @@ _lib.define("winograd_weight(Tensor weight) -> Tensor")
 # act(conv2d(x, weight, bias, padding=1) + residual) for a 3x3 stride-1 weight given as winograd_weight(weight);
 # float32, output channels_last.
 _lib.define("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu) -> Tensor")
-
 WINOGRAD_POSITIONS = 16
-WINOGRAD_PANEL_COLUMNS = 16
+PANEL_COLUMNS = 16  # output channels per packed weight panel (csrc/cpu/micro_kernel.h)
 
 
 def _stats_dtype(y: torch.Tensor) -> torch.dtype:
@@ -88,8 +87,8 @@ def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, residual
 def _winograd_weight_fake(weight):
     torch._check(weight.dim() == 4, lambda: f"winograd_weight: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
     out_channels, in_channels = weight.shape[0], weight.shape[1]
-    panels = (out_channels + WINOGRAD_PANEL_COLUMNS - 1) // WINOGRAD_PANEL_COLUMNS
-    return weight.new_empty((WINOGRAD_POSITIONS, panels, in_channels, WINOGRAD_PANEL_COLUMNS), dtype=torch.float32)
+    panels = (out_channels + PANEL_COLUMNS - 1) // PANEL_COLUMNS
+    return weight.new_empty((WINOGRAD_POSITIONS, panels, in_channels, PANEL_COLUMNS), dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::winograd_conv3x3")
@@ -97,3 +96,4 @@ def _winograd_conv3x3_fake(x, packed_weight, bias, residual, relu):
     torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-d (N, C, H, W), got {tuple(x.shape)}")
     batch, _, height, width = x.shape
     return x.new_empty((batch, bias.shape[0], height, width)).contiguous(memory_format=torch.channels_last)
+

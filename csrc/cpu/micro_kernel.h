@@ -1,0 +1,58 @@
+// The register-blocked matrix-product kernel shared by the CPU convolutions of resnet_fast
+// (winograd_cpu.cpp, conv1x1_cpu.cpp): 6 rows x 16 columns of float32 output per call.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+
+namespace resnet_fast {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weight panel
+// Rows per call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of AVX2's 16 registers.
+constexpr int64_t kPanelRows = 6;
+
+int64_t inline ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// c[r][0:16] = sum_d rows[r][d] * panel[d][0:16], for 6 input rows (each `depth` contiguous
+// floats) and one weight panel of depth x 16 contiguous floats; c rows are ldc floats apart.
+// The accumulators are locals indexed only by unrolled constants, so they stay in registers
+// (handing them to the caller as an array indexed at run time spills them to the stack).
+inline void micro_kernel(const float* const rows[kPanelRows], const float* panel, int64_t depth, float* c,
+                         int64_t ldc) {
+  Vec acc[kPanelRows][2];
+  for (int r = 0; r < kPanelRows; ++r) {
+    acc[r][0] = Vec(0.f);
+    acc[r][1] = Vec(0.f);
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    const Vec b0 = Vec::loadu(panel + d * kPanelColumns);
+    const Vec b1 = Vec::loadu(panel + d * kPanelColumns + Vec::size());
+    for (int r = 0; r < kPanelRows; ++r) {
+      const Vec a(rows[r][d]);
+      acc[r][0] = at::vec::fmadd(a, b0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kPanelRows; ++r) {
+    acc[r][0].store(c + r * ldc);
+    acc[r][1].store(c + r * ldc + Vec::size());
+  }
+}
+
+inline Vec load_partial(const float* p, int64_t count) {
+  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+inline void store_partial(float* p, const Vec& v, int64_t count) {
+  if (count == Vec::size()) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
+}  // namespace resnet_fast
