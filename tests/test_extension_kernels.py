@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_fast import _extension
-from tests.numerics import assert_tolerance, poisoned_like
+from tests.numerics import assert_tolerance, poison_allocator
 
 if _extension.extension() is None:
     pytest.skip(f"resnet_fast._C is not available: {_extension.load_error()}", allow_module_level=True)
@@ -34,12 +34,6 @@ def _dtype_id(dtype: torch.dtype) -> str:
 
 def _other_layout(layout: str) -> str:
     return "cl" if layout == "nchw" else "nchw"
-
-
-def _poison_allocator(like: torch.Tensor, copies: int = 4) -> None:
-    """Best effort: free NaN-filled blocks of the output's size, which the allocator tends to hand back."""
-    blocks = [poisoned_like(like) for _ in range(copies)]
-    del blocks
 
 
 def _activation(shape, dtype, layout, device="cpu", offset=0.0):
@@ -77,7 +71,7 @@ def _check_forward(device, dtype, shape, layout, residual_layout, with_scale, wi
         ref, stock = ref + residual64, stock + residual
     if relu:
         ref, stock = torch.relu(ref), torch.relu(stock)
-    _poison_allocator(y)
+    poison_allocator(y)
     out = ops.bn_act_forward(y, scale if with_scale else None, shift, residual, relu)
     assert out.dtype == dtype and out.device == y.device
     assert _memory_format_ok(out, layout), "output must keep y's memory format"
@@ -181,7 +175,7 @@ def _check_train_forward(device, dtype, shape, layout, with_affine, with_residua
         ref, stock = torch.relu(ref), torch.relu(stock)
     var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), unbiased=False)
     stock_var, stock_mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
-    _poison_allocator(y)
+    poison_allocator(y)
     out, mean, var = ops.bn_act_train_forward(y, weight, bias, residual, eps, relu)
     assert out.dtype == dtype and _memory_format_ok(out, layout), "output must keep y's dtype and memory format"
     assert mean.dtype == acc and var.dtype == acc
@@ -239,7 +233,7 @@ def _check_backward(device, dtype, shape, layout, with_weight, relu, residual_gr
     mean = mean64.to(acc).to(device)
     invstd = torch.rsqrt(var64 + eps).to(acc).to(device)
     out = out64.detach().to(dtype).to(device).contiguous(memory_format=LAYOUTS[layout])
-    _poison_allocator(y)
+    poison_allocator(y)
     grad_y, grad_weight, grad_bias, grad_residual = ops.bn_act_backward(
         grad_out, out, y, mean, invstd, weight, relu, residual_grad)
     assert grad_y.dtype == dtype and _memory_format_ok(grad_y, layout)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from resnet_fast import _extension
-from tests.numerics import assert_tolerance
+from tests.numerics import assert_tolerance, poison_allocator
 
 if _extension.extension() is None:
     pytest.skip(f"extension not built: {_extension.load_error()}", allow_module_level=True)
@@ -53,7 +53,9 @@ def test_winograd_conv3x3_matches_float64(shape, layout, with_residual, relu):
     (x, weight, bias, residual), (x64, weight64, bias64, residual64) = _problem(shape, layout)
     if not with_residual:
         residual = residual64 = None
-    out = ops.winograd_conv3x3(x, ops.winograd_weight(weight), bias, residual, relu)
+    packed = ops.winograd_weight(weight)
+    poison_allocator(torch.empty(shape[0], shape[2], shape[3], shape[4]))
+    out = ops.winograd_conv3x3(x, packed, bias, residual, relu)
     assert out.is_contiguous(memory_format=torch.channels_last), "output must be channels_last"
     assert_tolerance(out, _expected(x64, weight64, bias64, residual64, relu),
                      _expected(x, weight, bias, residual, relu), f"winograd_conv3x3 {shape}")
@@ -115,8 +117,8 @@ def test_winograd_bad_inputs_raise_clear_errors():
 
 def _folded(c_in=8, c_out=12, stride=1):
     gen = torch.Generator().manual_seed(3)
-    return FoldedConv(torch.randn(c_out, c_in, 3, 3, generator=gen) / (9 * c_in) ** 0.5, torch.randn(c_out, generator=gen),
-                      ConvGeometry((stride, stride), (1, 1), (1, 1), 1))
+    weight = torch.randn(c_out, c_in, 3, 3, generator=gen) / (9 * c_in) ** 0.5
+    return FoldedConv(weight, torch.randn(c_out, generator=gen), ConvGeometry((stride, stride), (1, 1), (1, 1), 1))
 
 
 @pytest.mark.parametrize("algorithm", ["winograd", "onednn"])

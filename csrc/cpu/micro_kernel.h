@@ -1,5 +1,5 @@
-// The register-blocked matrix-product kernel shared by the CPU convolutions of resnet_fast
-// (winograd_cpu.cpp, conv1x1_cpu.cpp): 6 rows x 16 columns of float32 output per call.
+// The register-blocked matrix-product kernel of the CPU Winograd convolution (winograd_cpu.cpp):
+// 6 rows x 16 columns of float32 output per call, the panel layout its packed weights follow.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -15,7 +15,7 @@ constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weigh
 // Rows per call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of AVX2's 16 registers.
 constexpr int64_t kPanelRows = 6;
 
-int64_t inline ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // c[r][0:16] = sum_d rows[r][d] * panel[d][0:16], for 6 input rows (each `depth` contiguous
 // floats) and one weight panel of depth x 16 contiguous floats; c rows are ldc floats apart.

@@ -1,8 +1,8 @@
 // Winograd F(2x2, 3x3) convolution for CPU float32 inference (3x3, stride 1, padding 1, groups 1),
 // with the folded-BN bias, the residual add and ReLU applied as each output tile is stored.
 //
-// Why: oneDNN's direct 3x3 convolution already runs near this class of machine's FMA peak, so
-// going faster means fewer multiplies. F(2x2, 3x3) makes each 2x2 output tile from a 4x4 input
+// Why: with BatchNorm folded and the epilogue fused, the convolution's multiply-adds are the cost
+// left, so going faster means fewer of them. F(2x2, 3x3) makes each 2x2 output tile from a 4x4 input
 // patch with 16 instead of 36 multiply-adds per (input, output) channel pair. Its data transforms
 // are additions only (the weight transform's halves are done once, in float64), so the result is
 // as accurate as the direct convolution; F(4x4, 3x3) would save more but its float32 error is
@@ -15,12 +15,10 @@
 //   3. output transform: out = act(A^T M A + bias + residual), stored channels_last.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "lane_select_vec.h"
@@ -149,8 +147,10 @@ void transform_output_tile(const float* m, int64_t position_stride, const Geomet
     const float* mk = m + (k - k_begin);
     Vec s[2][4];
     for (int j = 0; j < 4; ++j) {
-      const Vec m0 = load_partial(mk + j * position_stride, count), m1 = load_partial(mk + (4 + j) * position_stride, count);
-      const Vec m2 = load_partial(mk + (8 + j) * position_stride, count), m3 = load_partial(mk + (12 + j) * position_stride, count);
+      const Vec m0 = load_partial(mk + j * position_stride, count);
+      const Vec m1 = load_partial(mk + (4 + j) * position_stride, count);
+      const Vec m2 = load_partial(mk + (8 + j) * position_stride, count);
+      const Vec m3 = load_partial(mk + (12 + j) * position_stride, count);
       s[0][j] = m0 + m1 + m2;
       s[1][j] = m1 - m2 - m3;
     }
@@ -227,7 +227,7 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
           const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
           for (int64_t r = 0; r < used_rows; r += kPanelRows) {
             panel_product(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
-                         m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
+                          m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
           }
         }
       }
@@ -271,8 +271,8 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const 
     TORCH_CHECK(r.sizes() == at::IntArrayRef({geo.batch, geo.out_channels, geo.height, geo.width}), op,
                 ": residual shape ", r.sizes(), " does not match the output shape ",
                 at::IntArrayRef({geo.batch, geo.out_channels, geo.height, geo.width}));
-    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat, op, ": residual must be a float32 CPU tensor, got ",
-                r.scalar_type(), " on ", r.device());
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat, op,
+                ": residual must be a float32 CPU tensor, got ", r.scalar_type(), " on ", r.device());
     residual_cl = r.contiguous(at::MemoryFormat::ChannelsLast);
   }
   const Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
