@@ -68,6 +68,28 @@ def test_eval_matches_torchvision_fp32(arch, layout, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eval_compiles_as_one_graph(backend):
+    """torch.compile(fullgraph=True) of the whole model in inference gives the eager result; with the
+    extension backend the graph holds the Winograd 3x3 convolution (the eager CPU path)."""
+    _, fast = _pair("resnet18")
+    fast.eval().set_backend(backend)
+    x = _input(size=32, layout="channels_last")
+    graph_ops: set = set()
+
+    def record_ops(gm: torch.fx.GraphModule, example_inputs):
+        graph_ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        expected = fast(x)
+        torch._dynamo.reset()
+        out = torch.compile(fast, fullgraph=True, backend=record_ops)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if backend == "extension" and resnet_fast.ops.extension.cpu_conv3x3_algorithm() == "winograd":
+        assert "resnet_fast.winograd_conv3x3" in graph_ops, " ".join(sorted(graph_ops))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eval_matches_torchvision_bf16(backend):
     tv, fast = _pair("resnet18")
     tv.eval(), fast.eval().set_backend(backend)

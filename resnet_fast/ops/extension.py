@@ -34,8 +34,14 @@ _MKLDNN_OPS = ("_convolution_pointwise", "_reorder_convolution_weight")
 _mkldnn_unsupported_dtypes: set = set()
 
 
+# Facts of this torch build and CPU, read once: torch.compile cannot trace the queries themselves.
+_MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, name)
+                                                                  for name in _MKLDNN_OPS)
+_CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _mkldnn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, name) for name in _MKLDNN_OPS)
+    return _MKLDNN_AVAILABLE
 
 
 def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -65,7 +71,10 @@ def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch
 
 def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
                           relu: bool) -> Optional[torch.Tensor]:
-    """One oneDNN call: conv + bias, then binary ``add`` (residual) and ``relu`` post-ops. None if unsupported."""
+    """One oneDNN call: conv + bias, then binary ``add`` (residual) and ``relu`` post-ops. None if unsupported
+    (also under torch.compile: oneDNN's weight reorder has no fake kernel to trace)."""
+    if torch.compiler.is_compiling():
+        return None
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
             and folded.weight.dtype == x.dtype and _mkldnn_available()):
         return None
@@ -100,7 +109,7 @@ def cpu_conv3x3_algorithm() -> str:
     if value not in CONV3X3_ALGORITHMS:
         raise ValueError(f"RESNET_FAST_CPU_CONV3X3 must be one of {', '.join(CONV3X3_ALGORITHMS)}; got {value!r}")
     if value == "auto":
-        return "onednn" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "winograd"
+        return "onednn" if _CPU_HAS_AVX512 else "winograd"
     return value
 
 
@@ -115,6 +124,8 @@ def _winograd_eligible(x: torch.Tensor, folded: FoldedConv, residual: Optional[t
 
 def _winograd_packed_weight(folded: FoldedConv) -> torch.Tensor:
     """The folded weight's Winograd transform, made once and cached in ``folded.packed["winograd"]``."""
+    if torch.compiler.is_compiling():
+        return _ops.winograd_weight(folded.weight.detach())
     key = (folded.weight.data_ptr(), folded.weight._version)
     cached = folded.packed.get("winograd")
     if cached is None or cached[0] != key:
