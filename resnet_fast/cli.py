@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -42,6 +43,7 @@ def info_report() -> dict:
         "extension": _extension.build_info(),
         "backends": backends.describe(),
         "requested_backend": None,
+        "cpu_conv3x3": None,
     }
     try:
         import triton
@@ -53,6 +55,13 @@ def info_report() -> dict:
         report["requested_backend"] = backends.requested_backend()
     except ValueError as error:
         report["requested_backend"] = f"invalid: {error}"
+    if report["extension"]["loaded"]:
+        from resnet_fast.ops import extension
+
+        try:
+            report["cpu_conv3x3"] = extension.cpu_conv3x3_algorithm()
+        except ValueError as error:
+            report["cpu_conv3x3"] = f"invalid: {error}"
     return report
 
 
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         archs = f" (archs {ext['cuda_archs']})" if ext["cuda"] else ""
         cpu_build = f"CPU code {ext.get('cpu_isa', '?')}, threads {ext.get('cpu_parallel', '?')}"
         print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}; {cpu_build}")
+        setting = os.environ.get("RESNET_FAST_CPU_CONV3X3", "auto")
+        print(f"CPU inference 3x3 stride-1 convolutions: {report['cpu_conv3x3']} (RESNET_FAST_CPU_CONV3X3={setting})")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")

@@ -77,6 +77,10 @@ def test_cli_info_runs():
     assert result.returncode == 0, result.stderr
     assert "extension resnet_fast._C:" in result.stdout
     assert "reference  cpu    yes" in result.stdout
+    from resnet_fast import _extension
+
+    if _extension.build_info()["loaded"]:
+        assert "CPU inference 3x3 stride-1 convolutions: " in result.stdout, result.stdout
 
 
 def test_extension_build_info():
