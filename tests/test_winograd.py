@@ -157,3 +157,14 @@ def test_conv3x3_algorithm_setting_is_validated(monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "fft")
     with pytest.raises(ValueError, match="RESNET_FAST_CPU_CONV3X3 must be one of auto, winograd, onednn; got 'fft'"):
         ext.cpu_conv3x3_algorithm()
+
+
+def test_auto_leaves_avx512_cpus_to_onednn(monkeypatch):
+    monkeypatch.delenv("RESNET_FAST_CPU_CONV3X3", raising=False)
+    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", True)
+    assert ext.cpu_conv3x3_algorithm() == "onednn"
+    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", False)
+    assert ext.cpu_conv3x3_algorithm() == "winograd"
+    monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "winograd")
+    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", True)
+    assert ext.cpu_conv3x3_algorithm() == "winograd", "an explicit setting must win over the CPU check"
