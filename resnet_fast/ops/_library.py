@@ -38,6 +38,7 @@ _lib.define("winograd_weight(Tensor weight) -> Tensor")
 # act(conv2d(x, weight, bias, padding=1) + residual) for a 3x3 stride-1 weight given as winograd_weight(weight);
 # float32, output channels_last.
 _lib.define("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu) -> Tensor")
+
 WINOGRAD_POSITIONS = 16
 PANEL_COLUMNS = 16  # output channels per packed weight panel (csrc/cpu/micro_kernel.h)
 
@@ -96,4 +97,3 @@ def _winograd_conv3x3_fake(x, packed_weight, bias, residual, relu):
     torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-d (N, C, H, W), got {tuple(x.shape)}")
     batch, _, height, width = x.shape
     return x.new_empty((batch, bias.shape[0], height, width)).contiguous(memory_format=torch.channels_last)
-

@@ -7,9 +7,8 @@ training unit's autograd: one fused op forward, one fused op backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 
