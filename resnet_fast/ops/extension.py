@@ -8,7 +8,7 @@ training unit's autograd: one fused op forward, one fused op backward.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -43,29 +43,40 @@ def _mkldnn_available() -> bool:
     return _MKLDNN_AVAILABLE
 
 
+def _cached_packed_weight(folded: FoldedConv, name: str,
+                          pack: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """``folded.packed[name]``: ``pack()`` made once per weight and kept (a None result is not kept)."""
+    # Keyed on the weight's identity and version too, so an in-place edit can never leave it stale.
+    key = (folded.weight.dtype, folded.weight.data_ptr(), folded.weight._version)
+    cached = folded.packed.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    packed = pack()
+    if packed is not None:
+        folded.packed[name] = (key, packed)
+    return packed
+
+
 def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The folded weight reordered once into oneDNN's blocked layout, cached in ``folded.packed``.
 
     A packed weight is valid for any input size (the size only guides oneDNN's choice of layout).
     Returns None when oneDNN cannot run this dtype on this CPU.
     """
-    # Keyed on the weight's identity and version too, so an in-place edit can never leave it stale.
-    key = (folded.weight.dtype, folded.weight.data_ptr(), folded.weight._version)
-    cached = folded.packed.get("mkldnn")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    if folded.weight.dtype in _mkldnn_unsupported_dtypes:
-        return None
-    g = folded.geometry
-    try:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            folded.weight.detach().contiguous(), list(g.padding), list(g.stride), list(g.dilation), g.groups,
-            list(x.shape))
-    except RuntimeError:
-        _mkldnn_unsupported_dtypes.add(folded.weight.dtype)
-        return None
-    folded.packed["mkldnn"] = (key, packed)
-    return packed
+
+    def reorder() -> Optional[torch.Tensor]:
+        if folded.weight.dtype in _mkldnn_unsupported_dtypes:
+            return None
+        g = folded.geometry
+        try:
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                folded.weight.detach().contiguous(), list(g.padding), list(g.stride), list(g.dilation), g.groups,
+                list(x.shape))
+        except RuntimeError:
+            _mkldnn_unsupported_dtypes.add(folded.weight.dtype)
+            return None
+
+    return _cached_packed_weight(folded, "mkldnn", reorder)
 
 
 def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
@@ -125,12 +136,7 @@ def _winograd_packed_weight(folded: FoldedConv) -> torch.Tensor:
     """The folded weight's Winograd transform, made once and cached in ``folded.packed["winograd"]``."""
     if torch.compiler.is_compiling():
         return _ops.winograd_weight(folded.weight.detach())
-    key = (folded.weight.data_ptr(), folded.weight._version)
-    cached = folded.packed.get("winograd")
-    if cached is None or cached[0] != key:
-        cached = (key, _ops.winograd_weight(folded.weight.detach()))
-        folded.packed["winograd"] = cached
-    return cached[1]
+    return _cached_packed_weight(folded, "winograd", lambda: _ops.winograd_weight(folded.weight.detach()))
 
 
 def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
