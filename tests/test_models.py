@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -208,6 +209,25 @@ def test_folded_weights_are_never_stale(backend):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), before, rtol=1e-4, atol=1e-4)
         assert fast.double()(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_models_with_cached_folds_copy_and_pickle(backend):
+    """An EMA copy or a torch.save of a model that has run in eval (its folds and packed weights cached)."""
+    _, fast = _pair("resnet18")
+    fast.eval().set_backend(backend)
+    x = _input(batch=1, size=32)
+    with torch.no_grad():
+        expected = fast(x)
+        twin = copy.deepcopy(fast)
+        buffer = io.BytesIO()
+        torch.save(fast, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        twin.layer1[0].bn1.weight.mul_(1.5)  # the copy's fold must follow its own parameters
+        assert torch.equal(loaded(x), expected)
+        assert torch.equal(fast(x), expected)
+        assert not torch.allclose(twin(x), expected), "the copy reused the original's cached fold"
 
 
 def test_eval_gradients_flow_through_the_fold():

@@ -43,6 +43,27 @@ def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple:
                                    for t in tensors)
 
 
+def _no_fold() -> None:
+    return None
+
+
+class _FoldCache:
+    """One BN module's cached fold. Copies and pickles of a model leave it behind (they would
+    otherwise copy oneDNN's opaque packed weights, which cannot be copied): it is rebuilt on first use."""
+
+    __slots__ = ("key", "folded")
+
+    def __init__(self, key: tuple, folded: FoldedConv) -> None:
+        self.key = key
+        self.folded = folded
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return _no_fold, ()
+
+
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> FoldedConv:
     """The conv with eval-mode BN folded in, cached while nothing it depends on has changed.
 
@@ -61,11 +82,11 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> Fold
         return fold()
     key = _fold_key(conv, bn, dtype)
     cached = bn.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached.key == key:
+        return cached.folded
     with torch.no_grad():
         folded = fold()
-    bn.__dict__[_CACHE_ATTR] = (key, folded)
+    bn.__dict__[_CACHE_ATTR] = _FoldCache(key, folded)
     return folded
 
 
