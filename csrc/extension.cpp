@@ -1,7 +1,9 @@
 // Python module of resnet_fast._C. The op kernels register themselves with the
 // dispatcher (TORCH_LIBRARY_IMPL in cpu/ and cuda/) when the library is loaded;
-// this file only exposes how the library was built.
+// this file exposes how the library was built and the CPU activation pool.
 #include <torch/extension.h>
+
+#include "cpu/activation_pool.h"
 
 // Variadic so that an architecture list with commas ("8.0,9.0+PTX") stays one string.
 #define RESNET_FAST_STRINGIFY_IMPL(...) #__VA_ARGS__
@@ -43,4 +45,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "How the extension was built: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, 'cpu_isa': str, "
         "'cpu_parallel': str}");
+  resnet_fast::bind_activation_pool(m);
 }

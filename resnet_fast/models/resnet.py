@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from resnet_fast.nn.fused import check_unit_modules, clear_fold_cache, conv_bn_unit
+from resnet_fast.ops.activation_pool import ActivationPool
 
 __all__ = ["FastResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
@@ -216,18 +217,28 @@ class FastResNet(nn.Module):
         clear_fold_cache(self)
         return self
 
+    @property
+    def activation_pool(self) -> ActivationPool:
+        """The CPU buffers kept between inference passes (``resnet_fast.ops.activation_pool``):
+        ``.stats()`` shows what it holds, ``.release()`` frees it now."""
+        pool = self.__dict__.get("_activation_pool")
+        if pool is None:  # created on first use, so models pickled before it existed still load
+            pool = self.__dict__["_activation_pool"] = ActivationPool()
+        return pool
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The trunk up to ``layer4``: (N, 512 * expansion, H/32, W/32) feature maps."""
         if not isinstance(x, Tensor):
             raise TypeError(f"FastResNet expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"FastResNet expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
-        x = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-        x = self.maxpool(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        with self.activation_pool.scope(x):
+            x = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
+            x = self.maxpool(x)
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            return self.layer4(x)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)
