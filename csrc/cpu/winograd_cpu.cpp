@@ -73,13 +73,6 @@ Tensor winograd_weight_cpu(const Tensor& weight) {
   return packed;
 }
 
-// c[r][0:16] = the product of 6 V rows (lda apart) and one 16-column weight panel; c rows ldc apart.
-inline void panel_product(const float* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc) {
-  const float* rows[kPanelRows];
-  for (int r = 0; r < kPanelRows; ++r) rows[r] = a + r * lda;
-  micro_kernel(rows, panel, depth, c, ldc);
-}
-
 struct Geometry {
   int64_t batch, in_channels, out_channels, height, width;
   int64_t tiles_h, tiles_w, tiles;
@@ -226,7 +219,7 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
         for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
           const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
           for (int64_t r = 0; r < used_rows; r += kPanelRows) {
-            panel_product(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
+            micro_kernel(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
                           m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
           }
         }
