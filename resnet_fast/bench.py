@@ -23,6 +23,7 @@ onnxruntime and openvino are imported where they are used, so ``resnet-fast
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -181,16 +182,21 @@ def eager_eval_runner(model: nn.Module, images: Tensor) -> Runner:
 
 
 def train_step_runner(model: nn.Module, images: Tensor, targets: Tensor, lr: float = 0.01) -> Runner:
-    """One full training step: forward, cross-entropy, backward, SGD (momentum 0.9) update."""
+    """One full training step: forward, cross-entropy, backward, SGD (momentum 0.9) update.
+
+    A FastResNet's step runs inside its activation pool, as in ``resnet-fast train``.
+    """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
+    pool = getattr(model, "activation_pool", None)
 
     def run() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), targets)
-        loss.backward()
-        optimizer.step()
+        with contextlib.nullcontext() if pool is None else pool.scope(images):
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits.float(), targets)
+            loss.backward()
+            optimizer.step()
         return logits.detach()
     return run
 

@@ -60,23 +60,39 @@ def test_features_and_channels_last_inputs_use_the_pool():
     assert model.activation_pool.stats()["passes"] == 2
 
 
-def test_no_pool_with_autograd_or_off_cpu(monkeypatch):
+def test_no_pool_off_cpu_or_when_turned_off(monkeypatch):
     pool = ActivationPool()
-    assert not pool.applies(INPUT), "autograd is on: the pool must not apply"
-    with torch.no_grad():
-        assert pool.applies(INPUT)
-        assert not pool.applies(torch.empty(1, device="meta"))
-        monkeypatch.setenv(activation_pool.ENV_VAR, "off")
-        assert not pool.applies(INPUT)
-        monkeypatch.setenv(activation_pool.ENV_VAR, "sometimes")
-        with pytest.raises(ValueError, match="RESNET_FAST_CPU_ACTIVATION_POOL must be 1 or 0"):
-            pool.applies(INPUT)
+    assert pool.applies(INPUT)
+    assert not pool.applies(torch.empty(1, device="meta"))
+    monkeypatch.setenv(activation_pool.ENV_VAR, "off")
+    assert not pool.applies(INPUT)
+    monkeypatch.setenv(activation_pool.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="RESNET_FAST_CPU_ACTIVATION_POOL must be 1 or 0"):
+        pool.applies(INPUT)
 
 
-def test_training_passes_do_not_use_the_pool():
-    model, x = _model_and_input()
-    model.train()(x).sum().backward()
-    assert model.activation_pool.stats()["passes"] == 0
+def _train_steps(model, x, steps):
+    """SGD steps inside the model's pool (forward, backward and update), as resnet-fast train runs them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        with model.activation_pool.scope(x):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_steps_in_the_pool_are_bit_identical(monkeypatch):
+    model, x = _model_and_input(batch=2, size=32)
+    twin = copy.deepcopy(model)
+    monkeypatch.setenv(activation_pool.ENV_VAR, "0")
+    expected = _train_steps(model.train(), x, steps=3)
+    monkeypatch.setenv(activation_pool.ENV_VAR, "1")
+    pooled = _train_steps(twin.train(), x, steps=3)
+    for index, (got, want) in enumerate(zip(pooled, expected)):
+        assert torch.equal(got, want), f"parameter {index} differs after pooled training steps"
+    stats = twin.activation_pool.stats()
+    assert stats["passes"] == 3 and stats["hits"] > 0, f"the steps must reuse pooled buffers: {stats}"
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-// A pool of CPU buffers that outlives one inference pass, so that the next pass of the same
+// A pool of CPU buffers that outlives one pass of a model, so that the next pass of the same
 // shapes reuses them instead of asking malloc. glibc hands large freed blocks back to the
 // kernel (munmap, heap trim), and each 4 KiB page of the next allocation then costs a page
 // fault on first touch: ~15k faults of 4-5 us in one ResNet-50 batch-8 pass on the 2-core
@@ -274,7 +274,7 @@ class PoolScope {
 void bind_activation_pool(pybind11::module& module) {
   namespace py = pybind11;
   py::class_<PoolHandle>(module, "ActivationPool",
-                         "CPU buffers of inference passes kept for the next pass (see resnet_fast.ops.activation_pool)")
+                         "CPU buffers of a model's passes kept for the next pass (see resnet_fast.ops.activation_pool)")
       .def(py::init<>())
       .def("scope", [](const PoolHandle& handle) { return PoolScope(handle); },
            "Context manager: this thread's CPU allocations of >= 128 KiB come from the pool")

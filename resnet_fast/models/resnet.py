@@ -219,7 +219,7 @@ class FastResNet(nn.Module):
 
     @property
     def activation_pool(self) -> ActivationPool:
-        """The CPU buffers kept between inference passes (``resnet_fast.ops.activation_pool``):
+        """The CPU buffers kept between passes (``resnet_fast.ops.activation_pool``):
         ``.stats()`` shows what it holds, ``.release()`` frees it now."""
         pool = self.__dict__.get("_activation_pool")
         if pool is None:  # created on first use, so models pickled before it existed still load

@@ -1,14 +1,24 @@
-"""CPU buffers of inference passes, kept for the next pass.
+"""CPU buffers of a model's passes, kept for the next pass.
 
 glibc gives large freed blocks back to the kernel, so every pass of a model re-faults its
 activations in page by page: about 15k page faults of 4-5 us in one ResNet-50 batch-8 pass
 on a 2-core VM (``benchmarks/NOTES.md``). An :class:`ActivationPool` keeps those blocks: inside
 ``with pool.scope(x):`` the thread's CPU allocations of at least 128 KiB come from the pool,
 reused by exact size in the next pass; blocks a whole pass did not use are freed when it ends.
-Results are bit-identical with and without the pool (only where the memory comes from changes).
+A block freed after its scope (a returned output, an activation saved for backward) still goes
+back to the pool. Results are bit-identical with and without the pool (only where the memory
+comes from changes).
 
-:class:`~resnet_fast.models.resnet.FastResNet` owns one (``model.activation_pool``) and uses it
-for CPU passes without autograd. ``RESNET_FAST_CPU_ACTIVATION_POOL=0`` turns it off.
+:class:`~resnet_fast.models.resnet.FastResNet` owns one (``model.activation_pool``) and opens its
+scope around every CPU forward. A training loop gets the backward and optimizer step pooled too
+by opening the scope around the whole step, as ``resnet-fast train`` does::
+
+    with model.activation_pool.scope(images):
+        loss = criterion(model(images), targets)
+        loss.backward()
+        optimizer.step()
+
+``RESNET_FAST_CPU_ACTIVATION_POOL=0`` turns it off.
 
 Equivalent PyTorch: running the same ops without the pool (torch's CPU allocator, i.e. malloc).
 """
@@ -52,9 +62,8 @@ class ActivationPool:
         return self._handle
 
     def applies(self, x: torch.Tensor) -> bool:
-        """Whether a pass on ``x`` uses the pool: CPU input, no autograd, pool enabled, not compiling."""
-        return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and enabled())
+        """Whether a pass on ``x`` uses the pool: CPU input, pool enabled, not compiling."""
+        return x.device.type == "cpu" and not torch.compiler.is_compiling() and enabled()
 
     def scope(self, x: torch.Tensor) -> ContextManager:
         """Context manager of one pass on ``x``: the pool serves this thread's large CPU allocations

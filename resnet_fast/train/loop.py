@@ -203,6 +203,12 @@ def _autocast(device: torch.device, amp: Optional[str]) -> contextlib.AbstractCo
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+def _step_pool(model: nn.Module, x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The model's activation pool around one training step (``resnet_fast.ops.activation_pool``)."""
+    pool = getattr(model, "activation_pool", None)
+    return contextlib.nullcontext() if pool is None else pool.scope(x)
+
+
 def _check_amp(amp: Optional[str], device: torch.device) -> None:
     if amp is None:
         return
@@ -412,17 +418,19 @@ def _train(config: TrainConfig, context: DistributedContext, out_dir: Optional[s
             for images, labels in loader:
                 x = prepare_batch(images, bundle.mean, bundle.std, device, config.channels_last, augment_generator)
                 labels = labels.to(device, non_blocking=True)
-                with _autocast(device, config.amp):
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                # The whole step in the model's CPU activation pool: backward and optimizer buffers too.
+                with _step_pool(model, x):
+                    with _autocast(device, config.amp):
+                        logits = train_model(x)
+                        loss = F.cross_entropy(logits.float(), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
                 scheduler.step()
                 step += 1
                 epoch_samples_done += labels.numel()
