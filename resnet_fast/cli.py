@@ -62,6 +62,12 @@ def info_report() -> dict:
             report["cpu_conv3x3"] = extension.cpu_conv3x3_algorithm()
         except ValueError as error:
             report["cpu_conv3x3"] = f"invalid: {error}"
+        from resnet_fast.ops import activation_pool
+
+        try:
+            report["cpu_activation_pool"] = "on" if activation_pool.enabled() else "off"
+        except ValueError as error:
+            report["cpu_activation_pool"] = f"invalid: {error}"
     return report
 
 
@@ -83,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}; {cpu_build}")
         setting = os.environ.get("RESNET_FAST_CPU_CONV3X3", "auto")
         print(f"CPU inference 3x3 stride-1 convolutions: {report['cpu_conv3x3']} (RESNET_FAST_CPU_CONV3X3={setting})")
+        setting = os.environ.get("RESNET_FAST_CPU_ACTIVATION_POOL", "1")
+        print(f"CPU activation pool (buffers kept between passes): {report['cpu_activation_pool']} "
+              f"(RESNET_FAST_CPU_ACTIVATION_POOL={setting})")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")
