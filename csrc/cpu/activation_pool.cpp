@@ -15,6 +15,7 @@
 
 #include <c10/core/CPUAllocator.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -38,11 +39,15 @@ struct Lease {
 };
 
 // One mutex for every pool and the lease table: only blocks >= kMinPooledBytes pass through
-// here (a few hundred per ResNet pass), so contention is not worth finer locks.
-std::mutex g_mutex;
-std::unordered_map<void*, Lease> g_leases;  // data pointer -> lease, for the deleter
-c10::Allocator* g_upstream = nullptr;       // torch's allocator before ours was installed
+// here (a few hundred per ResNet pass), so contention is not worth finer locks. Both are never
+// destroyed: tensors freed during interpreter or library teardown still reach release_block.
+std::mutex& g_mutex = *new std::mutex;
+std::unordered_map<void*, Lease>& g_leases = *new std::unordered_map<void*, Lease>;  // data -> lease
+// torch's allocator before ours was installed; published before ours, read by any thread after.
+std::atomic<c10::Allocator*> g_upstream{nullptr};
 thread_local ActivationPool* t_active_pool = nullptr;
+
+c10::Allocator* upstream() { return g_upstream.load(std::memory_order_acquire); }
 
 void release_block(void* data);
 
@@ -64,7 +69,7 @@ class ActivationPool : public std::enable_shared_from_this<ActivationPool> {
       }
     }
     if (!block) {
-      block = g_upstream->allocate(nbytes);  // outside the lock: may take milliseconds
+      block = upstream()->allocate(nbytes);  // outside the lock: may take milliseconds
     }
     void* data = block.get();
     {
@@ -174,7 +179,7 @@ void release_block(void* data) {
     }
   }
   if (!lease.pool) {
-    g_upstream->raw_deleter()(data);
+    upstream()->raw_deleter()(data);
   }
 }
 
@@ -185,11 +190,11 @@ class PoolingAllocator final : public c10::Allocator {
     if (pool != nullptr && nbytes >= kMinPooledBytes) {
       return pool->lend(nbytes);
     }
-    return g_upstream->allocate(nbytes);
+    return upstream()->allocate(nbytes);
   }
 
   c10::DeleterFnPtr raw_deleter() const override {
-    return g_upstream->raw_deleter() != nullptr ? &release_block : nullptr;
+    return upstream()->raw_deleter() != nullptr ? &release_block : nullptr;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -203,7 +208,7 @@ bool install_pooling_allocator() {
   static PoolingAllocator* const installed = [] {
     // Never destroyed: tensors may outlive every pool, and their deleter is release_block.
     static PoolingAllocator allocator;
-    g_upstream = c10::GetCPUAllocator();
+    g_upstream.store(c10::GetCPUAllocator(), std::memory_order_release);
     // A single aligned pointer store in torch's table: threads that allocate meanwhile see the
     // old or the new allocator, and both serve every request.
     c10::SetCPUAllocator(&allocator, /*priority=*/0);
