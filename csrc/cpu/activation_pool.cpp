@@ -202,20 +202,27 @@ class PoolingAllocator final : public c10::Allocator {
   }
 };
 
+PoolingAllocator& pooling_allocator() {
+  // Never destroyed: tensors may outlive every pool, and their deleter is release_block.
+  static PoolingAllocator& allocator = *new PoolingAllocator;
+  return allocator;
+}
+
 // Wraps torch's CPU allocator, once per process. False if another allocator of higher
 // priority is installed (the pool then does nothing).
 bool install_pooling_allocator() {
-  static PoolingAllocator* const installed = [] {
-    // Never destroyed: tensors may outlive every pool, and their deleter is release_block.
-    static PoolingAllocator allocator;
+  static const bool installed = [] {
     g_upstream.store(c10::GetCPUAllocator(), std::memory_order_release);
     // A single aligned pointer store in torch's table: threads that allocate meanwhile see the
     // old or the new allocator, and both serve every request.
-    c10::SetCPUAllocator(&allocator, /*priority=*/0);
-    return c10::GetCPUAllocator() == &allocator ? &allocator : nullptr;
+    c10::SetCPUAllocator(&pooling_allocator(), /*priority=*/0);
+    return c10::GetCPUAllocator() == &pooling_allocator();
   }();
-  return installed != nullptr;
+  return installed;
 }
+
+// Whether torch's CPU allocator is the pooling one now (without installing it).
+bool pooling_allocator_active() { return upstream() != nullptr && c10::GetCPUAllocator() == &pooling_allocator(); }
 
 // The Python-visible pool: closing it (or its garbage collection) frees the cached blocks;
 // blocks still lent out are freed when their tensors die.
@@ -232,7 +239,7 @@ class PoolHandle {
 
   pybind11::dict stats() const {
     pybind11::dict out = pool_->stats();
-    out["installed"] = install_pooling_allocator();
+    out["installed"] = pooling_allocator_active();
     return out;
   }
 
