@@ -23,7 +23,6 @@ onnxruntime and openvino are imported where they are used, so ``resnet-fast
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from resnet_fast import backends
+from resnet_fast.ops.activation_pool import model_scope
 
 # A runner does one unit of work (one batch of inference, or one training step) and returns the output logits.
 Runner = Callable[[], Tensor]
@@ -188,10 +188,9 @@ def train_step_runner(model: nn.Module, images: Tensor, targets: Tensor, lr: flo
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
-    pool = getattr(model, "activation_pool", None)
 
     def run() -> Tensor:
-        with contextlib.nullcontext() if pool is None else pool.scope(images):
+        with model_scope(model, images):
             optimizer.zero_grad(set_to_none=True)
             logits = model(images)
             loss = nn.functional.cross_entropy(logits.float(), targets)

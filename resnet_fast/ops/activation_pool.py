@@ -30,6 +30,7 @@ import os
 from typing import ContextManager, Optional
 
 import torch
+from torch import nn
 
 from resnet_fast import _extension
 
@@ -95,3 +96,9 @@ class ActivationPool:
     def __repr__(self) -> str:
         stats = self.stats()
         return f"ActivationPool(cached={stats['cached_bytes'] / 2**20:.1f} MiB, passes={stats['passes']})"
+
+
+def model_scope(model: nn.Module, x: torch.Tensor) -> ContextManager:
+    """``model.activation_pool.scope(x)`` for a model that owns a pool, else a no-op context."""
+    pool = getattr(model, "activation_pool", None)
+    return contextlib.nullcontext() if pool is None else pool.scope(x)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from resnet_fast.ops import activation_pool
 from resnet_fast.train import checkpoint as ckpt
 from resnet_fast.train.data import DataBundle, load_data, prepare_batch
 from resnet_fast.train.distributed import DistributedContext, enable_sync_bn, init_from_env, sum_across
@@ -201,12 +202,6 @@ def _autocast(device: torch.device, amp: Optional[str]) -> contextlib.AbstractCo
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
-def _step_pool(model: nn.Module, x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The model's activation pool around one training step (``resnet_fast.ops.activation_pool``)."""
-    pool = getattr(model, "activation_pool", None)
-    return contextlib.nullcontext() if pool is None else pool.scope(x)
 
 
 def _check_amp(amp: Optional[str], device: torch.device) -> None:
@@ -419,7 +414,7 @@ def _train(config: TrainConfig, context: DistributedContext, out_dir: Optional[s
                 x = prepare_batch(images, bundle.mean, bundle.std, device, config.channels_last, augment_generator)
                 labels = labels.to(device, non_blocking=True)
                 # The whole step in the model's CPU activation pool: backward and optimizer buffers too.
-                with _step_pool(model, x):
+                with activation_pool.model_scope(model, x):
                     with _autocast(device, config.amp):
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), labels)
