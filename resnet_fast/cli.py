@@ -44,6 +44,7 @@ def info_report() -> dict:
         "backends": backends.describe(),
         "requested_backend": None,
         "cpu_conv3x3": None,
+        "cpu_activation_pool": None,
     }
     try:
         import triton
@@ -89,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"extension resnet_fast._C: loaded, {kinds} kernels compiled{archs}; {cpu_build}")
         setting = os.environ.get("RESNET_FAST_CPU_CONV3X3", "auto")
         print(f"CPU inference 3x3 stride-1 convolutions: {report['cpu_conv3x3']} (RESNET_FAST_CPU_CONV3X3={setting})")
-        setting = os.environ.get("RESNET_FAST_CPU_ACTIVATION_POOL", "1")
+        from resnet_fast.ops.activation_pool import ENV_VAR as pool_variable
+
+        setting = os.environ.get(pool_variable, "1")
         print(f"CPU activation pool (buffers kept between passes): {report['cpu_activation_pool']} "
-              f"(RESNET_FAST_CPU_ACTIVATION_POOL={setting})")
+              f"({pool_variable}={setting})")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")
