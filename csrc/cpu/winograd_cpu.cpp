@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "blocked_layout.h"
 #include "lane_select_vec.h"
 #include "micro_kernel.h"
 
@@ -77,6 +78,7 @@ struct Geometry {
   int64_t batch, in_channels, out_channels, height, width;
   int64_t tiles_h, tiles_w, tiles;
   int64_t panels;  // weight panels of kPanelColumns output channels
+  ActivationLayout in, out;  // channels_last or 8-channel blocks, for x and for out / residual
 };
 
 // Which tile (image, top-left output pixel) a flat tile index is.
@@ -98,7 +100,7 @@ void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin
     for (int j = 0; j < 4; ++j) {
       const int64_t col = origin.col - 1 + j;
       const bool inside = row >= 0 && row < geo.height && col >= 0 && col < geo.width;
-      patch[i][j] = inside ? x + ((origin.image * geo.height + row) * geo.width + col) * geo.in_channels : nullptr;
+      patch[i][j] = inside ? x + geo.in.pixel(origin.image, row, col) : nullptr;
     }
   }
   for (int64_t c = 0; c < geo.in_channels; c += Vec::size()) {
@@ -106,7 +108,7 @@ void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin
     Vec d[4][4];
     for (int i = 0; i < 4; ++i) {
       for (int j = 0; j < 4; ++j) {
-        d[i][j] = patch[i][j] ? load_partial(patch[i][j] + c, count) : Vec(0.f);
+        d[i][j] = patch[i][j] ? load_partial(patch[i][j] + geo.in.channel(c), count) : Vec(0.f);
       }
     }
     // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], applied to columns then rows.
@@ -133,8 +135,7 @@ template <bool kRelu, bool kResidual>
 void transform_output_tile(const float* m, int64_t position_stride, const Geometry& geo, TileOrigin origin,
                            int64_t k_begin, int64_t k_end, const float* bias, const float* residual, float* out) {
   const bool second_row = origin.row + 1 < geo.height, second_col = origin.col + 1 < geo.width;
-  const int64_t pixel = (origin.image * geo.height + origin.row) * geo.width + origin.col;
-  const int64_t row_step = geo.width * geo.out_channels;
+  const int64_t pixel = geo.out.pixel(origin.image, origin.row, origin.col);
   for (int64_t k = k_begin; k < k_end; k += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), k_end - k);
     const float* mk = m + (k - k_begin);
@@ -153,7 +154,7 @@ void transform_output_tile(const float* m, int64_t position_stride, const Geomet
       const Vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
       for (int j = 0; j < 2; ++j) {
         if (j == 1 && !second_col) break;
-        const int64_t offset = pixel * geo.out_channels + i * row_step + j * geo.out_channels + k;
+        const int64_t offset = pixel + i * geo.out.row_stride + j * geo.out.pixel_stride + geo.out.channel(k);
         Vec value = y[j] + b;
         if constexpr (kResidual) value = value + load_partial(residual + offset, count);
         if constexpr (kRelu) value = LaneSelect<Vec>::relu_keep_nan(value);
@@ -234,30 +235,54 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
   });
 }
 
-Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
-                            const std::optional<Tensor>& residual, bool relu) {
-  constexpr const char* op = "winograd_conv3x3";
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-d (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": x must be a float32 CPU tensor, got ",
-              x.scalar_type(), " on ", x.device());
+void check_weight_and_bias(const char* op, int64_t in_channels, const Tensor& packed_weight, const Tensor& bias) {
   TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == kPositions &&
-                  packed_weight.size(2) == x.size(1) && packed_weight.size(3) == kPanelColumns,
-              op, ": packed_weight must come from winograd_weight for ", x.size(1), " input channels (shape (",
-              kPositions, ", panels, ", x.size(1), ", ", kPanelColumns, ")), got shape ", packed_weight.sizes());
+                  packed_weight.size(2) == in_channels && packed_weight.size(3) == kPanelColumns,
+              op, ": packed_weight must come from winograd_weight for ", in_channels, " input channels (shape (",
+              kPositions, ", panels, ", in_channels, ", ", kPanelColumns, ")), got shape ", packed_weight.sizes());
   TORCH_CHECK(packed_weight.device().is_cpu() && packed_weight.scalar_type() == at::kFloat &&
                   packed_weight.is_contiguous(),
               op, ": packed_weight must be a contiguous float32 CPU tensor");
   TORCH_CHECK(bias.dim() == 1 && ceil_div(bias.numel(), kPanelColumns) == packed_weight.size(1), op,
               ": bias must have one value per output channel of packed_weight, got shape ", bias.sizes());
   TORCH_CHECK(bias.device().is_cpu() && bias.scalar_type() == at::kFloat, op, ": bias must be a float32 CPU tensor");
+}
 
-  const Geometry geo = [&] {
-    Geometry g{x.size(0), x.size(1), bias.numel(), x.size(2), x.size(3), 0, 0, 0, packed_weight.size(1)};
-    g.tiles_h = ceil_div(g.height, 2);
-    g.tiles_w = ceil_div(g.width, 2);
-    g.tiles = g.batch * g.tiles_h * g.tiles_w;
-    return g;
-  }();
+Geometry geometry_for(int64_t batch, int64_t in_channels, int64_t height, int64_t width, const Tensor& packed_weight,
+                      const Tensor& bias) {
+  Geometry g{batch, in_channels, bias.numel(), height, width, 0, 0, 0, packed_weight.size(1), {}, {}};
+  g.tiles_h = ceil_div(g.height, 2);
+  g.tiles_w = ceil_div(g.width, 2);
+  g.tiles = g.batch * g.tiles_h * g.tiles_w;
+  return g;
+}
+
+// Runs the kernel; x, residual and out follow geo.in / geo.out. No input channels: out = act(bias + residual).
+void run_winograd(const float* x, const Tensor& packed_weight, const Tensor& bias, const float* residual, float* out,
+                  const Geometry& geo, bool relu) {
+  const Tensor bias_c = bias.contiguous();
+  auto run = [&](auto relu_tag, auto residual_tag) {
+    winograd_kernel<decltype(relu_tag)::value, decltype(residual_tag)::value>(
+        x, packed_weight.const_data_ptr<float>(), bias_c.const_data_ptr<float>(), residual, out, geo,
+        schedule_for(geo));
+  };
+  if (relu) {
+    residual ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+  } else {
+    residual ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  }
+}
+
+Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                            const std::optional<Tensor>& residual, bool relu) {
+  constexpr const char* op = "winograd_conv3x3";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-d (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op, ": x must be a float32 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  check_weight_and_bias(op, x.size(1), packed_weight, bias);
+  Geometry geo = geometry_for(x.size(0), x.size(1), x.size(2), x.size(3), packed_weight, bias);
+  geo.in = ActivationLayout::channels_last(geo.in_channels, geo.height, geo.width);
+  geo.out = ActivationLayout::channels_last(geo.out_channels, geo.height, geo.width);
   Tensor residual_cl;
   if (residual.has_value()) {
     const Tensor& r = *residual;
@@ -269,29 +294,48 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const 
     residual_cl = r.contiguous(at::MemoryFormat::ChannelsLast);
   }
   const Tensor x_cl = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const Tensor bias_c = bias.contiguous();
   Tensor out = at::empty({geo.batch, geo.out_channels, geo.height, geo.width},
                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   if (geo.in_channels == 0) {
     // No input channels: the convolution is zero, the output is act(bias + residual).
-    Tensor value = bias_c.view({1, -1, 1, 1}).expand_as(out);
+    Tensor value = bias.view({1, -1, 1, 1}).expand_as(out);
     if (residual.has_value()) value = value + residual_cl;
     out.copy_(relu ? value.relu() : value);
     return out;
   }
-  const Schedule plan = schedule_for(geo);
-  const float* residual_data = residual.has_value() ? residual_cl.const_data_ptr<float>() : nullptr;
-  auto run = [&](auto relu_tag, auto residual_tag) {
-    winograd_kernel<decltype(relu_tag)::value, decltype(residual_tag)::value>(
-        x_cl.const_data_ptr<float>(), packed_weight.const_data_ptr<float>(), bias_c.const_data_ptr<float>(),
-        residual_data, out.mutable_data_ptr<float>(), geo, plan);
-  };
-  if (relu) {
-    residual.has_value() ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
-  } else {
-    residual.has_value() ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  run_winograd(x_cl.const_data_ptr<float>(), packed_weight, bias,
+               residual.has_value() ? residual_cl.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+               geo, relu);
+  return out;
+}
+
+// The same convolution on 8-channel blocks: x (N, C/8, H, W, 8) -> (N, K/8, H, W, 8).
+Tensor winograd_conv3x3_blocked_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                                    const std::optional<Tensor>& residual, bool relu) {
+  constexpr const char* op = "winograd_conv3x3_blocked";
+  check_blocked_activation(op, "x", x);
+  check_weight_and_bias(op, x.size(1) * kChannelBlock, packed_weight, bias);
+  TORCH_CHECK(bias.numel() % kChannelBlock == 0, op, ": the output channels (", bias.numel(),
+              ") must be a multiple of ", kChannelBlock);
+  Geometry geo = geometry_for(x.size(0), x.size(1) * kChannelBlock, x.size(2), x.size(3), packed_weight, bias);
+  geo.in = ActivationLayout::blocked(geo.in_channels, geo.height, geo.width);
+  geo.out = ActivationLayout::blocked(geo.out_channels, geo.height, geo.width);
+  const std::vector<int64_t> out_shape{geo.batch, geo.out_channels / kChannelBlock, geo.height, geo.width,
+                                       kChannelBlock};
+  Tensor residual_c;
+  if (residual.has_value()) {
+    check_blocked_activation(op, "residual", *residual);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, ": residual shape ", residual->sizes(),
+                " does not match the output shape ", at::IntArrayRef(out_shape));
+    residual_c = residual->contiguous();
   }
+  const Tensor x_c = x.contiguous();
+  Tensor out = at::empty(out_shape, x.options());
+  if (out.numel() == 0) return out;
+  run_winograd(x_c.const_data_ptr<float>(), packed_weight, bias,
+               residual.has_value() ? residual_c.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>(),
+               geo, relu);
   return out;
 }
 
@@ -300,6 +344,7 @@ Tensor winograd_conv3x3_cpu(const Tensor& x, const Tensor& packed_weight, const 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("winograd_weight", &winograd_weight_cpu);
   m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
+  m.impl("winograd_conv3x3_blocked", &winograd_conv3x3_blocked_cpu);
 }
 
 }  // namespace resnet_fast

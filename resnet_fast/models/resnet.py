@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional, Type, Union
 import torch
 from torch import Tensor, nn
 
-from resnet_fast.nn.fused import check_unit_modules, clear_fold_cache, conv_bn_unit
+from resnet_fast import backends
+from resnet_fast.nn.fused import check_unit_modules, clear_fold_cache, conv_bn_unit, folded_conv
+from resnet_fast.ops import blocked
 from resnet_fast.ops.activation_pool import ActivationPool
 
 __all__ = ["FastResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -46,6 +48,25 @@ def _identity(x: Tensor, downsample: Optional[nn.Module], backend: Optional[str]
     return conv_bn_unit(x, downsample[0], downsample[1], relu=False, backend=backend)
 
 
+def _blocked_unit(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
+                  relu: bool = True) -> Tensor:
+    """:func:`conv_bn_unit` in eval mode, on activations in 8-channel blocks (``resnet_fast.ops.blocked``)."""
+    return blocked.conv_bias_act(x, folded_conv(conv, bn, torch.float32), residual, relu)
+
+
+def _blocked_identity(x: Tensor, downsample: Optional[nn.Module]) -> Tensor:
+    return x if downsample is None else _blocked_unit(x, downsample[0], downsample[1], relu=False)
+
+
+def _block_units(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (conv, bn) pairs of a residual block, downsample included."""
+    names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
+    units = [(getattr(block, name), getattr(block, "bn" + name[-1])) for name in names]
+    if block.downsample is not None:
+        units.append((block.downsample[0], block.downsample[1]))
+    return units
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv units; the second adds the identity before its ReLU (torchvision's BasicBlock)."""
 
@@ -73,6 +94,12 @@ class BasicBlock(nn.Module):
         identity = _identity(x, self.downsample, self.backend)
         out = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend)
+
+    def forward_blocked(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks."""
+        identity = _blocked_identity(x, self.downsample)
+        out = _blocked_unit(x, self.conv1, self.bn1)
+        return _blocked_unit(out, self.conv2, self.bn2, residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -102,6 +129,13 @@ class Bottleneck(nn.Module):
         out = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         out = conv_bn_unit(out, self.conv2, self.bn2, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend)
+
+    def forward_blocked(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks."""
+        identity = _blocked_identity(x, self.downsample)
+        out = _blocked_unit(x, self.conv1, self.bn1)
+        out = _blocked_unit(out, self.conv2, self.bn2)
+        return _blocked_unit(out, self.conv3, self.bn3, residual=identity)
 
 
 class FastResNet(nn.Module):
@@ -235,10 +269,46 @@ class FastResNet(nn.Module):
         with self.activation_pool.scope(x):
             x = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
             x = self.maxpool(x)
+            if self._runs_blocked(x):
+                x = blocked.to_blocked(x)
+                for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                    for block in layer:
+                        x = block.forward_blocked(x)
+                return blocked.from_blocked(x)
             x = self.layer1(x)
             x = self.layer2(x)
             x = self.layer3(x)
             return self.layer4(x)
+
+    def _runs_blocked(self, x: Tensor) -> bool:
+        """Whether the residual stages can run on 8-channel blocks (``resnet_fast.ops.blocked``)
+        with the same result as calling them: CPU float32 inference on the extension backend,
+        every unit folded, supported shapes, and no hooks on a stage or block that would be skipped."""
+        if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
+            return False
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not blocked.available():
+            return False
+        if not blocked.enabled():
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        for layer in layers:
+            if not isinstance(layer, nn.Sequential) or layer._forward_hooks or layer._forward_pre_hooks:
+                return False
+            for block in layer:
+                if type(block) not in (BasicBlock, Bottleneck) or block._forward_hooks or block._forward_pre_hooks:
+                    return False
+                if backends.resolve(block.backend, x.device) != "extension":
+                    return False
+                for conv, bn in _block_units(block):
+                    if (bn.training or not bn.track_running_stats or bn.running_mean is None
+                            or conv.weight.dtype != torch.float32
+                            or not blocked.conv_supported(folded_conv(conv, bn, torch.float32))):
+                        return False
+        return self.layer1[0].conv1.in_channels == x.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)

@@ -38,9 +38,19 @@ _lib.define("winograd_weight(Tensor weight) -> Tensor")
 # act(conv2d(x, weight, bias, padding=1) + residual) for a 3x3 stride-1 weight given as winograd_weight(weight);
 # float32, output channels_last.
 _lib.define("winograd_conv3x3(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu) -> Tensor")
+# The same on activations in 8-channel blocks, (N, C/8, H, W, 8) -> (N, K/8, H, W, 8) (resnet_fast.ops.blocked).
+_lib.define("winograd_conv3x3_blocked(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu) "
+            "-> Tensor")
+# A (K, C, k, k) weight packed for blocked_conv: float32 (ceil(K/16), k, k, C, 16) panels.
+_lib.define("blocked_conv_weight(Tensor weight) -> Tensor")
+# act(conv2d(x, weight, bias, stride, padding) + residual) on 8-channel blocks, the weight given as
+# blocked_conv_weight(weight): (N, C/8, H, W, 8) -> (N, K/8, Ho, Wo, 8), float32.
+_lib.define("blocked_conv(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu, int stride, "
+            "int padding) -> Tensor")
 
 WINOGRAD_POSITIONS = 16
 PANEL_COLUMNS = 16  # output channels per packed weight panel (csrc/cpu/micro_kernel.h)
+CHANNEL_BLOCK = 8  # channels per block of the blocked activation layout (csrc/cpu/blocked_layout.h)
 
 
 def _stats_dtype(y: torch.Tensor) -> torch.dtype:
@@ -97,3 +107,33 @@ def _winograd_conv3x3_fake(x, packed_weight, bias, residual, relu):
     torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be 4-d (N, C, H, W), got {tuple(x.shape)}")
     batch, _, height, width = x.shape
     return x.new_empty((batch, bias.shape[0], height, width)).contiguous(memory_format=torch.channels_last)
+
+
+def _check_blocked(op: str, x) -> None:
+    torch._check(x.dim() == 5 and x.shape[4] == CHANNEL_BLOCK,
+                 lambda: f"{op}: x must be in 8-channel blocks, shape (N, C/8, H, W, 8), got {tuple(x.shape)}")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::winograd_conv3x3_blocked")
+def _winograd_conv3x3_blocked_fake(x, packed_weight, bias, residual, relu):
+    _check_blocked("winograd_conv3x3_blocked", x)
+    batch, _, height, width, _ = x.shape
+    return x.new_empty((batch, bias.shape[0] // CHANNEL_BLOCK, height, width, CHANNEL_BLOCK))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::blocked_conv_weight")
+def _blocked_conv_weight_fake(weight):
+    torch._check(weight.dim() == 4, lambda: f"blocked_conv_weight: weight must be (K, C, k, k), got {tuple(weight.shape)}")
+    out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2]
+    panels = (out_channels + PANEL_COLUMNS - 1) // PANEL_COLUMNS
+    return weight.new_empty((panels, kernel, kernel, in_channels, PANEL_COLUMNS), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::blocked_conv")
+def _blocked_conv_fake(x, packed_weight, bias, residual, relu, stride, padding):
+    _check_blocked("blocked_conv", x)
+    batch, _, height, width, _ = x.shape
+    kernel = packed_weight.shape[1]
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    return x.new_empty((batch, bias.shape[0] // CHANNEL_BLOCK, out_h, out_w, CHANNEL_BLOCK))

@@ -1,0 +1,107 @@
+"""CPU float32 inference on activations in 8-channel blocks, ``(N, C/8, H, W, 8)``.
+
+channels_last keeps all C channels of a pixel together; the blocked layout keeps 8 channels of
+consecutive pixels together, so the operand of a 1x1 convolution's inner loop (6 pixels x 8
+channels) is one contiguous run instead of 6 rows C floats apart. On this project's AVX2 machine
+the extension's blocked 1x1 convolution is 1.1-1.3x faster than oneDNN's channels_last one
+(``benchmarks/NOTES.md``, CPU kernels 16). :class:`~resnet_fast.models.FastResNet` converts once
+after the stem and once after ``layer4``; every residual unit in between runs here:
+
+* 3x3 stride 1: the Winograd kernel (``winograd_conv3x3_blocked``);
+* every other shape (1x1, strided 3x3, the downsample): a direct convolution (``blocked_conv``),
+
+each with the folded-BN bias, the residual add and ReLU applied as the output is stored.
+
+``RESNET_FAST_CPU_BLOCKED=auto|1|0`` (:data:`ENV_VAR`): ``auto`` (the default) uses it wherever
+the Winograd kernel is the CPU's 3x3 algorithm (see
+:func:`resnet_fast.ops.extension.cpu_conv3x3_algorithm`), ``1`` always, ``0`` never.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from resnet_fast import _extension
+from resnet_fast.ops.folding import FoldedConv
+
+ENV_VAR = "RESNET_FAST_CPU_BLOCKED"
+CHANNEL_BLOCK = 8
+MAX_KERNEL = 7  # blocked_conv's limit
+
+_ops = torch.ops.resnet_fast
+
+
+def enabled() -> bool:
+    """Whether FastResNet's CPU float32 inference runs its residual stages on 8-channel blocks."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value not in ("auto", "1", "0"):
+        raise ValueError(f"{ENV_VAR} must be auto, 1 or 0; got {value!r}")
+    if value == "auto":
+        from resnet_fast.ops.extension import cpu_conv3x3_algorithm
+
+        return cpu_conv3x3_algorithm() == "winograd"
+    return value == "1"
+
+
+def available() -> bool:
+    """Whether the loaded extension has the blocked kernels."""
+    return _extension.extension() is not None and hasattr(_ops, "blocked_conv")
+
+
+def to_blocked(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` in any memory format -> ``(N, C/8, H, W, 8)``, contiguous.
+
+    Equivalent PyTorch: ``x.unflatten(1, (C // 8, 8)).permute(0, 1, 3, 4, 2).contiguous()``.
+    """
+    if x.dim() != 4 or x.shape[1] % CHANNEL_BLOCK:
+        raise ValueError(f"to_blocked expects (N, C, H, W) with C a multiple of {CHANNEL_BLOCK}, "
+                         f"got shape {tuple(x.shape)}")
+    return x.unflatten(1, (x.shape[1] // CHANNEL_BLOCK, CHANNEL_BLOCK)).permute(0, 1, 3, 4, 2).contiguous()
+
+
+def from_blocked(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C/8, H, W, 8)`` -> ``(N, C, H, W)``, channels_last.
+
+    Equivalent PyTorch: ``x.permute(0, 2, 3, 1, 4).reshape(N, H, W, C).permute(0, 3, 1, 2)``.
+    """
+    if x.dim() != 5 or x.shape[4] != CHANNEL_BLOCK:
+        raise ValueError(f"from_blocked expects (N, C/8, H, W, {CHANNEL_BLOCK}), got shape {tuple(x.shape)}")
+    batch, blocks, height, width, _ = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, blocks * CHANNEL_BLOCK).permute(0, 3, 1, 2)
+
+
+def conv_supported(folded: FoldedConv) -> bool:
+    """Whether :func:`conv_bias_act` can run this convolution (groups 1, no dilation, square
+    kernel up to 7x7, equal strides and paddings, channel counts in whole blocks)."""
+    g, weight = folded.geometry, folded.weight
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    return (g.groups == 1 and tuple(g.dilation) == (1, 1) and kernel_h == kernel_w <= MAX_KERNEL
+            and g.stride[0] == g.stride[1] and g.padding[0] == g.padding[1]
+            and in_channels % CHANNEL_BLOCK == 0 and out_channels % CHANNEL_BLOCK == 0)
+
+
+def _packed_weight(folded: FoldedConv, name: str, pack) -> torch.Tensor:
+    from resnet_fast.ops.extension import _cached_packed_weight
+
+    return _cached_packed_weight(folded, name, lambda: pack(folded.weight.detach()))
+
+
+def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """Inference unit on blocked activations: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
+
+    ``x``, ``residual`` and the result are ``(N, C/8, H, W, 8)`` float32 CPU tensors; packed
+    weights are made once and cached in ``folded.packed``. Equivalent PyTorch::
+
+        out = F.conv2d(from_blocked(x), folded.weight, folded.bias, stride, padding)
+        to_blocked(torch.relu(out + from_blocked(residual)))
+    """
+    g = folded.geometry
+    bias = folded.bias.detach().to(torch.float32)
+    if tuple(folded.weight.shape[-2:]) == (3, 3) and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1):
+        return _ops.winograd_conv3x3_blocked(x, _packed_weight(folded, "winograd", _ops.winograd_weight), bias,
+                                             residual, relu)
+    return _ops.blocked_conv(x, _packed_weight(folded, "blocked", _ops.blocked_conv_weight), bias, residual, relu,
+                             g.stride[0], g.padding[0])
