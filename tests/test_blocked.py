@@ -76,6 +76,22 @@ def test_winograd_blocked_is_the_channels_last_kernel_on_blocks(shape):
                      _expected(x, weight, bias, residual, True, 1, 1), f"winograd_conv3x3_blocked {shape}")
 
 
+@pytest.mark.parametrize("shape", [CONV_SHAPES[0], CONV_SHAPES[2]], ids=["1x1", "3x3-s2"])
+def test_blocked_conv_add_writes_the_same_result_over_the_residual(shape):
+    *_, stride, padding = shape
+    (x, weight, bias, residual), _ = _problem(*shape)
+    xb, rb, packed = blocked.to_blocked(x), blocked.to_blocked(residual), ops.blocked_conv_weight(weight)
+    expected = ops.blocked_conv(xb, packed, bias, rb, True, stride, padding)
+    out = rb.clone()
+    ops.blocked_conv_add_(xb, packed, bias, out, True, stride, padding)
+    assert torch.equal(out, expected), "in-place residual add differs from blocked_conv"
+    with pytest.raises(RuntimeError, match=r"out shape .* does not match the output shape"):
+        ops.blocked_conv_add_(xb, packed, bias, out[:, :, 1:], True, stride, padding)
+    with pytest.raises(RuntimeError, match=r"out must be contiguous"):
+        ops.blocked_conv_add_(xb, packed, bias, out.transpose(2, 3).contiguous().transpose(2, 3), True, stride,
+                              padding) if out.shape[2] != out.shape[3] else pytest.fail("need a non-square output")
+
+
 def test_blocked_conv_results_do_not_depend_on_thread_count():
     (x, weight, bias, residual), _ = _problem(2, 32, 48, 17, 15, 3, 2, 1, seed=1)
     packed, xb, rb = ops.blocked_conv_weight(weight), blocked.to_blocked(x), blocked.to_blocked(residual)
@@ -105,6 +121,7 @@ def test_blocked_opcheck():
     xb, rb = blocked.to_blocked(x), blocked.to_blocked(residual)
     torch.library.opcheck(ops.blocked_conv_weight, (weight,))
     torch.library.opcheck(ops.blocked_conv, (xb, ops.blocked_conv_weight(weight), bias, rb, True, 2, 1))
+    torch.library.opcheck(ops.blocked_conv_add_, (xb, ops.blocked_conv_weight(weight), bias, rb.clone(), True, 2, 1))
     (x, weight, bias, residual), _ = _problem(2, 8, 16, 6, 5, 3, 1, 1)
     torch.library.opcheck(ops.winograd_conv3x3_blocked, (blocked.to_blocked(x), ops.winograd_weight(weight), bias,
                                                          blocked.to_blocked(residual), False))

@@ -246,9 +246,9 @@ void blocked_conv_kernel(const ConvShape& s, const float* x, const float* weight
   });
 }
 
-Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
-                        const std::optional<Tensor>& residual, bool relu, int64_t stride, int64_t padding) {
-  constexpr const char* op = "blocked_conv";
+// The convolution's shape, after checking every argument the two ops share.
+ConvShape checked_shape(const char* op, const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                        int64_t stride, int64_t padding) {
   check_blocked_activation(op, "x", x);
   TORCH_CHECK(packed_weight.dim() == 5 && packed_weight.size(1) == packed_weight.size(2) &&
                   packed_weight.size(3) == x.size(1) * kChannelBlock && packed_weight.size(4) == kPanelColumns,
@@ -272,7 +272,46 @@ Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tens
               s.kernel, " kernel does not fit the padded ", s.height, "x", s.width, " input");
   s.out_height = (s.height + 2 * padding - s.kernel) / stride + 1;
   s.out_width = (s.width + 2 * padding - s.kernel) / stride + 1;
-  const std::vector<int64_t> out_shape{s.batch, s.out_blocks, s.out_height, s.out_width, kChannelBlock};
+  return s;
+}
+
+std::vector<int64_t> output_shape(const ConvShape& s) {
+  return {s.batch, s.out_blocks, s.out_height, s.out_width, kChannelBlock};
+}
+
+// out = act(conv(x) + bias + residual); residual may be out itself (each tile reads its residual
+// before it stores there) or null.
+void run_blocked_conv(const ConvShape& s, const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                      const float* residual, float* out, bool relu) {
+  // 1x1, stride 1, no padding: the image is one row of H * W pixels, so tiles run across row ends.
+  ConvShape run_shape = s;
+  if (s.kernel == 1 && s.stride == 1 && s.padding == 0) {
+    run_shape.width = run_shape.out_width = s.height * s.width;
+    run_shape.height = run_shape.out_height = 1;
+  }
+  // Zero-padded to whole panels, so the last panel's second block reads defined values.
+  Tensor bias_padded = bias.contiguous();
+  if (bias.numel() != s.panels * kPanelColumns) {
+    bias_padded = at::constant_pad_nd(bias, {0, s.panels * kPanelColumns - bias.numel()});
+  }
+  const Tensor x_c = x.contiguous();
+  auto run = [&](auto residual_tag, auto relu_tag) {
+    blocked_conv_kernel<decltype(residual_tag)::value, decltype(relu_tag)::value>(
+        run_shape, x_c.const_data_ptr<float>(), packed_weight.const_data_ptr<float>(),
+        bias_padded.const_data_ptr<float>(), residual, out);
+  };
+  if (relu) {
+    residual ? run(std::true_type{}, std::true_type{}) : run(std::false_type{}, std::true_type{});
+  } else {
+    residual ? run(std::true_type{}, std::false_type{}) : run(std::false_type{}, std::false_type{});
+  }
+}
+
+Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias,
+                        const std::optional<Tensor>& residual, bool relu, int64_t stride, int64_t padding) {
+  constexpr const char* op = "blocked_conv";
+  const ConvShape s = checked_shape(op, x, packed_weight, bias, stride, padding);
+  const std::vector<int64_t> out_shape = output_shape(s);
   Tensor residual_c;
   if (residual.has_value()) {
     check_blocked_activation(op, "residual", *residual);
@@ -280,30 +319,27 @@ Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tens
                 " does not match the output shape ", at::IntArrayRef(out_shape));
     residual_c = residual->contiguous();
   }
-  const Tensor x_c = x.contiguous();
   Tensor out = at::empty(out_shape, x.options());
   if (out.numel() == 0) return out;
-  // 1x1, stride 1, no padding: the image is one row of H * W pixels, so tiles run across row ends.
-  ConvShape run_shape = s;
-  if (s.kernel == 1 && stride == 1 && padding == 0) {
-    run_shape.width = run_shape.out_width = s.height * s.width;
-    run_shape.height = run_shape.out_height = 1;
-  }
-  // Zero-padded to whole panels, so the last panel's second block reads defined values.
-  Tensor bias_padded = at::zeros({s.panels * kPanelColumns}, bias.options());
-  bias_padded.narrow(0, 0, bias.numel()).copy_(bias);
-  const float* residual_data = residual.has_value() ? residual_c.const_data_ptr<float>() : nullptr;
-  auto run = [&](auto residual_tag, auto relu_tag) {
-    blocked_conv_kernel<decltype(residual_tag)::value, decltype(relu_tag)::value>(
-        run_shape, x_c.const_data_ptr<float>(), packed_weight.const_data_ptr<float>(),
-        bias_padded.const_data_ptr<float>(), residual_data, out.mutable_data_ptr<float>());
-  };
-  if (relu) {
-    residual_data ? run(std::true_type{}, std::true_type{}) : run(std::false_type{}, std::true_type{});
-  } else {
-    residual_data ? run(std::true_type{}, std::false_type{}) : run(std::false_type{}, std::false_type{});
-  }
+  run_blocked_conv(s, x, packed_weight, bias, residual.has_value() ? residual_c.const_data_ptr<float>() : nullptr,
+                   out.mutable_data_ptr<float>(), relu);
   return out;
+}
+
+// out = act(conv(x) + bias + out): the residual add written over the residual, which saves
+// reading the output's cache lines from memory before they are stored (the residual's are read anyway).
+void blocked_conv_add_cpu(const Tensor& x, const Tensor& packed_weight, const Tensor& bias, const Tensor& out,
+                          bool relu, int64_t stride, int64_t padding) {
+  constexpr const char* op = "blocked_conv_add_";
+  const ConvShape s = checked_shape(op, x, packed_weight, bias, stride, padding);
+  check_blocked_activation(op, "out", out);
+  const std::vector<int64_t> out_shape = output_shape(s);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), op, ": out shape ", out.sizes(),
+              " does not match the output shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  TORCH_CHECK(!out.is_same(x) && out.data_ptr() != x.data_ptr(), op, ": out must not be x");
+  if (out.numel() == 0) return;
+  run_blocked_conv(s, x, packed_weight, bias, out.const_data_ptr<float>(), out.mutable_data_ptr<float>(), relu);
 }
 
 }  // namespace
@@ -311,6 +347,7 @@ Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tens
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("blocked_conv_weight", &blocked_conv_weight_cpu);
   m.impl("blocked_conv", &blocked_conv_cpu);
+  m.impl("blocked_conv_add_", &blocked_conv_add_cpu);
 }
 
 }  // namespace resnet_fast

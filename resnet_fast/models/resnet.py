@@ -50,8 +50,9 @@ def _identity(x: Tensor, downsample: Optional[nn.Module], backend: Optional[str]
 
 def _blocked_unit(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
                   relu: bool = True) -> Tensor:
-    """:func:`conv_bn_unit` in eval mode, on activations in 8-channel blocks (``resnet_fast.ops.blocked``)."""
-    return blocked.conv_bias_act(x, folded_conv(conv, bn, torch.float32), residual, relu)
+    """:func:`conv_bn_unit` in eval mode, on activations in 8-channel blocks (``resnet_fast.ops.blocked``).
+    A residual may be overwritten by the result: the trunk's block inputs are its own."""
+    return blocked.conv_bias_act(x, folded_conv(conv, bn, torch.float32), residual, relu, overwrite_residual=True)
 
 
 def _blocked_identity(x: Tensor, downsample: Optional[nn.Module]) -> Tensor:
@@ -95,8 +96,9 @@ class BasicBlock(nn.Module):
         out = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend)
 
-    def forward_blocked(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks."""
+    def _forward_blocked(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
+        FastResNet's trunk only: ``x`` may be overwritten (it can become the output)."""
         identity = _blocked_identity(x, self.downsample)
         out = _blocked_unit(x, self.conv1, self.bn1)
         return _blocked_unit(out, self.conv2, self.bn2, residual=identity)
@@ -130,8 +132,9 @@ class Bottleneck(nn.Module):
         out = conv_bn_unit(out, self.conv2, self.bn2, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend)
 
-    def forward_blocked(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks."""
+    def _forward_blocked(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
+        FastResNet's trunk only: ``x`` may be overwritten (it can become the output)."""
         identity = _blocked_identity(x, self.downsample)
         out = _blocked_unit(x, self.conv1, self.bn1)
         out = _blocked_unit(out, self.conv2, self.bn2)
@@ -273,7 +276,7 @@ class FastResNet(nn.Module):
                 x = blocked.to_blocked(x)
                 for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
                     for block in layer:
-                        x = block.forward_blocked(x)
+                        x = block._forward_blocked(x)
                 return blocked.from_blocked(x)
             x = self.layer1(x)
             x = self.layer2(x)

@@ -47,6 +47,9 @@ _lib.define("blocked_conv_weight(Tensor weight) -> Tensor")
 # blocked_conv_weight(weight): (N, C/8, H, W, 8) -> (N, K/8, Ho, Wo, 8), float32.
 _lib.define("blocked_conv(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu, int stride, "
             "int padding) -> Tensor")
+# The same with the residual in out, overwritten by the result: out = act(conv2d(x, ...) + bias + out).
+_lib.define("blocked_conv_add_(Tensor x, Tensor packed_weight, Tensor bias, Tensor(a!) out, bool relu, int stride, "
+            "int padding) -> ()")
 
 WINOGRAD_POSITIONS = 16
 PANEL_COLUMNS = 16  # output channels per packed weight panel (csrc/cpu/micro_kernel.h)
@@ -137,3 +140,9 @@ def _blocked_conv_fake(x, packed_weight, bias, residual, relu, stride, padding):
     out_h = (height + 2 * padding - kernel) // stride + 1
     out_w = (width + 2 * padding - kernel) // stride + 1
     return x.new_empty((batch, bias.shape[0] // CHANNEL_BLOCK, out_h, out_w, CHANNEL_BLOCK))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::blocked_conv_add_")
+def _blocked_conv_add_fake(x, packed_weight, bias, out, relu, stride, padding):
+    _check_blocked("blocked_conv_add_", x)
+    return None

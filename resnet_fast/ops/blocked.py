@@ -89,11 +89,14 @@ def _packed_weight(folded: FoldedConv, name: str, pack) -> torch.Tensor:
     return _cached_packed_weight(folded, name, lambda: pack(folded.weight.detach()))
 
 
-def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool,
+                  overwrite_residual: bool = False) -> torch.Tensor:
     """Inference unit on blocked activations: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
 
     ``x``, ``residual`` and the result are ``(N, C/8, H, W, 8)`` float32 CPU tensors; packed
-    weights are made once and cached in ``folded.packed``. Equivalent PyTorch::
+    weights are made once and cached in ``folded.packed``. With ``overwrite_residual`` the direct
+    kernel may store the result in ``residual`` and return it (one output-sized buffer less to
+    read from memory and write back); the caller must own ``residual``. Equivalent PyTorch::
 
         out = F.conv2d(from_blocked(x), folded.weight, folded.bias, stride, padding)
         to_blocked(torch.relu(out + from_blocked(residual)))
@@ -103,5 +106,8 @@ def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.
     if tuple(folded.weight.shape[-2:]) == (3, 3) and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1):
         return _ops.winograd_conv3x3_blocked(x, _packed_weight(folded, "winograd", _ops.winograd_weight), bias,
                                              residual, relu)
-    return _ops.blocked_conv(x, _packed_weight(folded, "blocked", _ops.blocked_conv_weight), bias, residual, relu,
-                             g.stride[0], g.padding[0])
+    packed = _packed_weight(folded, "blocked", _ops.blocked_conv_weight)
+    if overwrite_residual and residual is not None and residual.is_contiguous():
+        _ops.blocked_conv_add_(x, packed, bias, residual, relu, g.stride[0], g.padding[0])
+        return residual
+    return _ops.blocked_conv(x, packed, bias, residual, relu, g.stride[0], g.padding[0])
