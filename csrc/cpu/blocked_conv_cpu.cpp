@@ -154,8 +154,9 @@ void conv_row_span(const ConvShape& s, int64_t image, int64_t out_row, int64_t c
   const bool second_block = 2 * panel_index + 1 < s.out_blocks;
   // Columns whose every kernel tap is inside the image: the interior, tiled 6 pixels at a time.
   const int64_t interior_begin = std::min(ceil_div(s.padding, s.stride), s.out_width);
+  const int64_t last_start = s.width + s.padding - s.kernel;  // input column of the last interior tap window
   const int64_t interior_end =
-      std::clamp<int64_t>((s.width + s.padding - s.kernel) / s.stride + 1, interior_begin, s.out_width);
+      std::clamp<int64_t>(last_start < 0 ? 0 : last_start / s.stride + 1, interior_begin, s.out_width);
 
   std::array<Tap, 49> taps;  // kernel <= 7
   auto gather_taps = [&](int64_t col) {  // the taps inside the image for output column col
@@ -203,7 +204,7 @@ struct Schedule {
 Schedule schedule_for(const ConvShape& s) {
   const int64_t out_pixels = s.out_height * s.out_width;
   const int64_t input_bytes_per_pixel = s.in_blocks * kChannelBlock * s.stride * s.stride * sizeof(float);
-  int64_t per_chunk = std::clamp<int64_t>(kInputChunkBytes / input_bytes_per_pixel, kPanelRows, out_pixels);
+  int64_t per_chunk = std::min(std::max(kInputChunkBytes / input_bytes_per_pixel, kPanelRows), out_pixels);
   int64_t per_group = std::clamp<int64_t>(kPanelGroupBytes / (s.panel_floats() * sizeof(float)), 1, s.panels);
   const int64_t wanted_tasks = kMinTasksPerThread * at::get_num_threads();
   // Smaller chunks, then smaller groups, until every thread has a few tasks.
@@ -216,7 +217,12 @@ Schedule schedule_for(const ConvShape& s) {
       break;
     }
   }
-  if (s.out_height > 1 && per_chunk >= s.out_width) per_chunk = per_chunk / s.out_width * s.out_width;  // whole rows
+  // Chunks of whole output rows, or (one flattened row) of whole tiles: no partial tile mid-image.
+  if (s.out_height > 1 && per_chunk >= s.out_width) {
+    per_chunk = per_chunk / s.out_width * s.out_width;
+  } else if (s.out_height == 1 && per_chunk < out_pixels) {
+    per_chunk = std::max(kPanelRows, per_chunk / kPanelRows * kPanelRows);
+  }
   const int64_t groups = ceil_div(s.panels, per_group);
   return {per_chunk, ceil_div(out_pixels, per_chunk), ceil_div(s.panels, groups), groups};
 }

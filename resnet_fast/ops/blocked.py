@@ -73,14 +73,14 @@ def from_blocked(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, blocks * CHANNEL_BLOCK).permute(0, 3, 1, 2)
 
 
-def conv_supported(folded: FoldedConv) -> bool:
+def conv_supported(conv: torch.nn.Conv2d) -> bool:
     """Whether :func:`conv_bias_act` can run this convolution (groups 1, no dilation, square
-    kernel up to 7x7, equal strides and paddings, channel counts in whole blocks)."""
-    g, weight = folded.geometry, folded.weight
-    out_channels, in_channels, kernel_h, kernel_w = weight.shape
-    return (g.groups == 1 and tuple(g.dilation) == (1, 1) and kernel_h == kernel_w <= MAX_KERNEL
-            and g.stride[0] == g.stride[1] and g.padding[0] == g.padding[1]
-            and in_channels % CHANNEL_BLOCK == 0 and out_channels % CHANNEL_BLOCK == 0)
+    kernel up to 7x7, equal strides and zero paddings, channel counts in whole blocks)."""
+    kernel_h, kernel_w = conv.kernel_size
+    return (conv.groups == 1 and tuple(conv.dilation) == (1, 1) and kernel_h == kernel_w <= MAX_KERNEL
+            and conv.stride[0] == conv.stride[1] and not isinstance(conv.padding, str)
+            and conv.padding[0] == conv.padding[1] and conv.padding_mode == "zeros"
+            and conv.in_channels % CHANNEL_BLOCK == 0 and conv.out_channels % CHANNEL_BLOCK == 0)
 
 
 def _packed_weight(folded: FoldedConv, name: str, pack) -> torch.Tensor:
