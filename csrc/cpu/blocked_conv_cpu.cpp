@@ -34,7 +34,9 @@ static_assert(kPanelColumns == 2 * kChannelBlock, "a weight panel covers two out
 
 constexpr int64_t kInputChunkBytes = 128 << 10;  // input read by one task, kept in L2 across its panels
 constexpr int64_t kPanelGroupBytes = 256 << 10;  // weights one task walks, kept in L2 across its tiles
-constexpr int64_t kMinTasksPerThread = 4;
+// Tasks per call, whatever the thread count, so tiles (and with them each output's order of
+// additions) do not depend on it: results are bitwise the same on any number of threads.
+constexpr int64_t kMinTasks = 16;
 
 // (K, C, kh, kw) -> (ceil(K / 16), kh, kw, C, 16), zero beyond K.
 Tensor blocked_conv_weight_cpu(const Tensor& weight) {
@@ -73,15 +75,24 @@ struct Epilogue {
   bool second_block;      // false for the last panel of K % 16 == 8 channels
 };
 
+// Independent sums per output vector: an FMA takes 4 cycles and two issue per cycle, so 8 chains
+// keep both units busy. Tiles of 1-3 pixels (image edges, row ends) split their sums by lane.
+template <int kRows>
+constexpr int kChains = kRows == 1 ? 4 : (kRows <= 3 ? 2 : 1);
+
 // out[r] = act(sum over taps and input channels + bias + residual) for kRows pixels of one output row.
 template <int kRows, bool kResidual, bool kRelu>
 void conv_tile(const float* input, int64_t input_pixel_step, int64_t input_block_stride, int64_t in_blocks,
                const Tap* taps, int64_t tap_count, const float* panel, const Epilogue& e) {
-  Vec acc[kRows][2];
+  constexpr int chains = kChains<kRows>;
+  Vec acc[chains][kRows][2];
+#pragma GCC unroll 4
+  for (int c = 0; c < chains; ++c) {
 #pragma GCC unroll 6
-  for (int r = 0; r < kRows; ++r) {
-    acc[r][0] = Vec(0.f);
-    acc[r][1] = Vec(0.f);
+    for (int r = 0; r < kRows; ++r) {
+      acc[c][r][0] = Vec(0.f);
+      acc[c][r][1] = Vec(0.f);
+    }
   }
   for (int64_t t = 0; t < tap_count; ++t) {
     const float* tap_input = input + taps[t].input_offset;
@@ -96,17 +107,25 @@ void conv_tile(const float* input, int64_t input_pixel_step, int64_t input_block
 #pragma GCC unroll 6
         for (int r = 0; r < kRows; ++r) {
           const Vec value(a[r * input_pixel_step + lane]);
-          acc[r][0] = at::vec::fmadd(value, b0, acc[r][0]);
-          acc[r][1] = at::vec::fmadd(value, b1, acc[r][1]);
+          acc[lane % chains][r][0] = at::vec::fmadd(value, b0, acc[lane % chains][r][0]);
+          acc[lane % chains][r][1] = at::vec::fmadd(value, b1, acc[lane % chains][r][1]);
         }
       }
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 1; c < chains; ++c) {
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      acc[0][r][0] = acc[0][r][0] + acc[c][r][0];
+      acc[0][r][1] = acc[0][r][1] + acc[c][r][1];
     }
   }
   const Vec bias0 = Vec::loadu(e.bias), bias1 = Vec::loadu(e.bias + kChannelBlock);
 #pragma GCC unroll 6
   for (int r = 0; r < kRows; ++r) {
     const int64_t offset = r * kChannelBlock;
-    Vec v0 = acc[r][0] + bias0, v1 = acc[r][1] + bias1;
+    Vec v0 = acc[0][r][0] + bias0, v1 = acc[0][r][1] + bias1;
     if constexpr (kResidual) {
       v0 = v0 + Vec::loadu(e.residual + offset);
       if (e.second_block) v1 = v1 + Vec::loadu(e.residual + e.out_block_stride + offset);
@@ -186,8 +205,12 @@ void conv_row_span(const ConvShape& s, int64_t image, int64_t out_row, int64_t c
   const int64_t tiled_end = std::min(col_end, interior_end);
   if (col < tiled_end) {
     const int64_t tap_count = gather_taps(col);  // the same taps, shifted, for every interior column
+    // As few tiles as 6-pixel tiles need, with pixels spread evenly: 13 -> 5, 4, 4 rather than 6, 6, 1.
+    const int64_t tiles = ceil_div(tiled_end - col, kPanelRows);
+    const int64_t base = (tiled_end - col) / tiles;
+    int64_t longer = (tiled_end - col) % tiles;
     while (col < tiled_end) {
-      const int64_t rows = std::min(kPanelRows, tiled_end - col);
+      const int64_t rows = base + (longer-- > 0 ? 1 : 0);
       run(col, rows, tap_count);
       col += rows;
       for (int64_t t = 0; t < tap_count; ++t) taps[t].input_offset += rows * s.stride * kChannelBlock;
@@ -196,9 +219,12 @@ void conv_row_span(const ConvShape& s, int64_t image, int64_t out_row, int64_t c
   for (; col < col_end; ++col) run(col, 1, gather_taps(col));
 }
 
-// Tasks: (image, a run of output pixels, a group of weight panels), images outermost.
+// Tasks: (image, a run of output pixels, a group of weight panels).
 struct Schedule {
   int64_t pixels_per_chunk, chunks, panels_per_group, groups;
+  // Walk every image's chunks for one panel group before the next group (weights read once, inputs
+  // once per group) when the weights outweigh the inputs; else every group per chunk.
+  bool groups_outer;
 };
 
 Schedule schedule_for(const ConvShape& s) {
@@ -206,9 +232,8 @@ Schedule schedule_for(const ConvShape& s) {
   const int64_t input_bytes_per_pixel = s.in_blocks * kChannelBlock * s.stride * s.stride * sizeof(float);
   int64_t per_chunk = std::min(std::max(kInputChunkBytes / input_bytes_per_pixel, kPanelRows), out_pixels);
   int64_t per_group = std::clamp<int64_t>(kPanelGroupBytes / (s.panel_floats() * sizeof(float)), 1, s.panels);
-  const int64_t wanted_tasks = kMinTasksPerThread * at::get_num_threads();
-  // Smaller chunks, then smaller groups, until every thread has a few tasks.
-  while (s.batch * ceil_div(out_pixels, per_chunk) * ceil_div(s.panels, per_group) < wanted_tasks) {
+  // Smaller chunks, then smaller groups, until there are enough tasks to share between threads.
+  while (s.batch * ceil_div(out_pixels, per_chunk) * ceil_div(s.panels, per_group) < kMinTasks) {
     if (per_chunk > 4 * kPanelRows) {
       per_chunk = ceil_div(per_chunk, 2);
     } else if (per_group > 1) {
@@ -224,7 +249,8 @@ Schedule schedule_for(const ConvShape& s) {
     per_chunk = std::max(kPanelRows, per_chunk / kPanelRows * kPanelRows);
   }
   const int64_t groups = ceil_div(s.panels, per_group);
-  return {per_chunk, ceil_div(out_pixels, per_chunk), ceil_div(s.panels, groups), groups};
+  const bool weights_larger = s.panels * s.panel_floats() > s.batch * s.in_image_stride();
+  return {per_chunk, ceil_div(out_pixels, per_chunk), ceil_div(s.panels, groups), groups, weights_larger};
 }
 
 template <bool kResidual, bool kRelu>
@@ -234,9 +260,9 @@ void blocked_conv_kernel(const ConvShape& s, const float* x, const float* weight
   const int64_t out_pixels = s.out_height * s.out_width;
   at::parallel_for(0, s.batch * plan.chunks * plan.groups, 1, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t group = task % plan.groups;
-      const int64_t chunk = (task / plan.groups) % plan.chunks;
-      const int64_t image = task / (plan.groups * plan.chunks);
+      const int64_t group = plan.groups_outer ? task / (s.batch * plan.chunks) : task % plan.groups;
+      const int64_t image_chunk = plan.groups_outer ? task % (s.batch * plan.chunks) : task / plan.groups;
+      const int64_t chunk = image_chunk % plan.chunks, image = image_chunk / plan.chunks;
       const int64_t pixel_begin = chunk * plan.pixels_per_chunk;
       const int64_t pixel_end = std::min(out_pixels, pixel_begin + plan.pixels_per_chunk);
       const int64_t panel_end = std::min(s.panels, (group + 1) * plan.panels_per_group);
