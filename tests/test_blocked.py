@@ -120,6 +120,7 @@ def test_blocked_opcheck():
     (x, weight, bias, residual), _ = _problem(2, 8, 16, 6, 5, 3, 2, 1)
     xb, rb = blocked.to_blocked(x), blocked.to_blocked(residual)
     torch.library.opcheck(ops.blocked_conv_weight, (weight,))
+    torch.library.opcheck(ops.max_pool_to_blocked, (x.contiguous(memory_format=torch.channels_last), 3, 2, 1))
     torch.library.opcheck(ops.blocked_conv, (xb, ops.blocked_conv_weight(weight), bias, rb, True, 2, 1))
     torch.library.opcheck(ops.blocked_conv_add_, (xb, ops.blocked_conv_weight(weight), bias, rb.clone(), True, 2, 1))
     (x, weight, bias, residual), _ = _problem(2, 8, 16, 6, 5, 3, 1, 1)
@@ -152,6 +153,25 @@ def test_blocked_bad_inputs_raise_clear_errors():
         blocked.to_blocked(torch.randn(1, 12, 4, 4))
     with pytest.raises(ValueError, match=r"from_blocked expects"):
         blocked.from_blocked(x)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 2, 1, (9, 8)), (2, 2, 0, (6, 7)), (3, 1, 1, (4, 5)),
+                                                        (1, 1, 0, (3, 3))])
+def test_max_pool_to_blocked_matches_torch(kernel, stride, padding, size):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, *size, generator=gen).contiguous(memory_format=torch.channels_last)
+    x[1, 9, 2, 1] = float("nan")
+    x[0, 3] = -float("inf")
+    out = ops.max_pool_to_blocked(x, kernel, stride, padding)
+    expected = F.max_pool2d(x, kernel, stride, padding)
+    assert torch.equal(blocked.from_blocked(out).isnan(), expected.isnan()), "NaN positions differ from max_pool2d"
+    assert torch.equal(blocked.from_blocked(out).nan_to_num(), expected.nan_to_num()), "values differ from max_pool2d"
+    pool = torch.nn.MaxPool2d(kernel, stride, padding)
+    assert torch.equal(blocked.max_pool_to_blocked(x, pool).nan_to_num(), blocked.to_blocked(expected).nan_to_num())
+    with pytest.raises(RuntimeError, match=r"C a positive multiple of 8"):
+        ops.max_pool_to_blocked(x[:, :12], kernel, stride, padding)
+    with pytest.raises(RuntimeError, match=r"padding <= kernel / 2"):
+        ops.max_pool_to_blocked(x, kernel, stride, kernel)
 
 
 def test_blocked_layout_round_trip():
@@ -223,7 +243,7 @@ def _hooked(fast):
     return seen
 
 
-@pytest.mark.parametrize("case", ["env-off", "hook", "grad", "train", "float64", "groups"])
+@pytest.mark.parametrize("case", ["env-off", "hook", "grad", "train", "float64", "groups", "other-pool"])
 def test_fastresnet_falls_back_to_channels_last(case, monkeypatch):
     """Wherever the blocked stages could not give what calling the stages gives, they are skipped."""
     tv, fast = _models("resnext50_32x4d" if case == "groups" else "resnet18")
@@ -235,6 +255,8 @@ def test_fastresnet_falls_back_to_channels_last(case, monkeypatch):
     if case == "float64":
         fast.double()
         x = x.double()
+    if case == "other-pool":
+        fast.maxpool = torch.nn.AvgPool2d(3, 2, 1)
     calls = _count_blocked_units(monkeypatch)
     if case == "grad":
         out = fast(x)

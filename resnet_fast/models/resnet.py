@@ -271,13 +271,13 @@ class FastResNet(nn.Module):
             raise ValueError(f"FastResNet expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
         with self.activation_pool.scope(x):
             x = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-            x = self.maxpool(x)
             if self._runs_blocked(x):
-                x = blocked.to_blocked(x)
+                x = blocked.max_pool_to_blocked(x, self.maxpool)
                 for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
                     for block in layer:
                         x = block._forward_blocked(x)
                 return blocked.from_blocked(x)
+            x = self.maxpool(x)
             x = self.layer1(x)
             x = self.layer2(x)
             x = self.layer3(x)
@@ -286,7 +286,7 @@ class FastResNet(nn.Module):
     def _runs_blocked(self, x: Tensor) -> bool:
         """Whether the residual stages can run on 8-channel blocks (``resnet_fast.ops.blocked``)
         with the same result as calling them: CPU float32 inference on the extension backend,
-        every unit folded, supported shapes, and no hooks on a stage or block that would be skipped."""
+        every unit folded, supported shapes, a stock max-pool, and no hooks on a module it skips."""
         if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
             return False
         if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not blocked.available():
@@ -296,6 +296,9 @@ class FastResNet(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        if (type(self.maxpool) not in (nn.MaxPool2d, nn.Identity) or self.maxpool._forward_hooks
+                or self.maxpool._forward_pre_hooks):
             return False
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
         for layer in layers:

@@ -47,6 +47,9 @@ _lib.define("blocked_conv_weight(Tensor weight) -> Tensor")
 # blocked_conv_weight(weight): (N, C/8, H, W, 8) -> (N, K/8, Ho, Wo, 8), float32.
 _lib.define("blocked_conv(Tensor x, Tensor packed_weight, Tensor bias, Tensor? residual, bool relu, int stride, "
             "int padding) -> Tensor")
+# max_pool2d(x, kernel, stride, padding) of a channels_last (N, C, H, W) float32 x, returned in 8-channel
+# blocks (N, C/8, Ho, Wo, 8).
+_lib.define("max_pool_to_blocked(Tensor x, int kernel, int stride, int padding) -> Tensor")
 # The same with the residual in out, overwritten by the result: out = act(conv2d(x, ...) + bias + out).
 _lib.define("blocked_conv_add_(Tensor x, Tensor packed_weight, Tensor bias, Tensor(a!) out, bool relu, int stride, "
             "int padding) -> ()")
@@ -146,3 +149,12 @@ def _blocked_conv_fake(x, packed_weight, bias, residual, relu, stride, padding):
 def _blocked_conv_add_fake(x, packed_weight, bias, out, relu, stride, padding):
     _check_blocked("blocked_conv_add_", x)
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::max_pool_to_blocked")
+def _max_pool_to_blocked_fake(x, kernel, stride, padding):
+    torch._check(x.dim() == 4, lambda: f"max_pool_to_blocked: x must be (N, C, H, W), got {tuple(x.shape)}")
+    batch, channels, height, width = x.shape
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    return x.new_empty((batch, channels // CHANNEL_BLOCK, out_h, out_w, CHANNEL_BLOCK))

@@ -32,6 +32,8 @@ CHANNEL_BLOCK = 8
 MAX_KERNEL = 7  # blocked_conv's limit
 
 _ops = torch.ops.resnet_fast
+# Loading resnet_fast._C registers the kernels for the schemas (never raises; see _extension).
+_extension.extension()
 
 
 def enabled() -> bool:
@@ -71,6 +73,29 @@ def from_blocked(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"from_blocked expects (N, C/8, H, W, {CHANNEL_BLOCK}), got shape {tuple(x.shape)}")
     batch, blocks, height, width, _ = x.shape
     return x.permute(0, 2, 3, 1, 4).reshape(batch, height, width, blocks * CHANNEL_BLOCK).permute(0, 3, 1, 2)
+
+
+def max_pool_to_blocked(x: torch.Tensor, pool: torch.nn.Module) -> torch.Tensor:
+    """``to_blocked(pool(x))`` for a channels_last float32 ``x``, in one pass where ``pool`` is a
+    square ``nn.MaxPool2d`` (no dilation, floor mode, no indices).
+
+    Equivalent PyTorch: ``to_blocked(F.max_pool2d(x, kernel, stride, padding))``.
+    """
+    if _plain_square_max_pool(pool):
+        return _ops.max_pool_to_blocked(x, _single(pool.kernel_size), _single(pool.stride), _single(pool.padding))
+    return to_blocked(pool(x))
+
+
+def _single(value) -> int:
+    return value if isinstance(value, int) else value[0]
+
+
+def _plain_square_max_pool(pool: torch.nn.Module) -> bool:
+    if type(pool) is not torch.nn.MaxPool2d or pool.ceil_mode or pool.return_indices:
+        return False
+    pairs = [value if isinstance(value, tuple) else (value, value)
+             for value in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
+    return all(a == b for a, b in pairs) and pairs[3][0] == 1
 
 
 def conv_supported(conv: torch.nn.Conv2d) -> bool:
