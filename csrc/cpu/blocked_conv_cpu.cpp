@@ -24,6 +24,7 @@
 #include "blocked_layout.h"
 #include "lane_select_vec.h"
 #include "micro_kernel.h"
+#include "parallel_tasks.h"
 
 namespace resnet_fast {
 namespace {
@@ -258,8 +259,8 @@ void blocked_conv_kernel(const ConvShape& s, const float* x, const float* weight
                          const float* residual, float* out) {
   const Schedule plan = schedule_for(s);
   const int64_t out_pixels = s.out_height * s.out_width;
-  at::parallel_for(0, s.batch * plan.chunks * plan.groups, 1, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
+  parallel_tasks(s.batch * plan.chunks * plan.groups, [&](int64_t task) {
+    {
       const int64_t group = plan.groups_outer ? task / (s.batch * plan.chunks) : task % plan.groups;
       const int64_t image_chunk = plan.groups_outer ? task % (s.batch * plan.chunks) : task / plan.groups;
       const int64_t chunk = image_chunk % plan.chunks, image = image_chunk / plan.chunks;

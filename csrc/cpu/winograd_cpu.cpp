@@ -24,6 +24,7 @@
 #include "blocked_layout.h"
 #include "lane_select_vec.h"
 #include "micro_kernel.h"
+#include "parallel_tasks.h"
 
 namespace resnet_fast {
 namespace {
@@ -188,20 +189,20 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
                      const Geometry& geo, const Schedule& plan) {
   const int64_t rows = plan.tiles_per_chunk;  // a multiple of kPanelRows
   const int64_t max_panels = ceil_div(geo.panels, plan.panel_splits);
-  at::parallel_for(0, plan.chunks * plan.panel_splits, 1, [&](int64_t task_begin, int64_t task_end) {
+  const int64_t v_size = kPositions * rows * geo.in_channels;
+  const int64_t m_stride = max_panels * kPanelColumns;  // M row length
+  parallel_tasks(plan.chunks * plan.panel_splits, [&](int64_t task) {
     // Kept per thread across calls: a fresh multi-megabyte buffer per call costs page faults.
     thread_local std::vector<float> workspace;
-    const int64_t v_size = kPositions * rows * geo.in_channels;
-    const int64_t m_stride = max_panels * kPanelColumns;  // M row length
     workspace.resize(std::max<size_t>(workspace.size(), v_size + kPositions * rows * m_stride));
     float* v = workspace.data();
     float* m = v + v_size;
-    for (int64_t task = task_begin; task < task_end; ++task) {
+    {
       const int64_t chunk = task / plan.panel_splits, split = task % plan.panel_splits;
       const int64_t first_tile = chunk * rows;
       const int64_t tiles = std::min(rows, geo.tiles - first_tile);
       const int64_t panel_begin = split * max_panels, panel_end = std::min(geo.panels, panel_begin + max_panels);
-      if (panel_begin >= panel_end) continue;
+      if (panel_begin >= panel_end) return;
       const int64_t k_begin = panel_begin * kPanelColumns;
       const int64_t k_end = std::min(geo.out_channels, panel_end * kPanelColumns);
 
