@@ -45,6 +45,7 @@ def info_report() -> dict:
         "requested_backend": None,
         "cpu_conv3x3": None,
         "cpu_activation_pool": None,
+        "cpu_blocked_stages": None,
     }
     try:
         import triton
@@ -69,6 +70,12 @@ def info_report() -> dict:
             report["cpu_activation_pool"] = "on" if activation_pool.enabled() else "off"
         except ValueError as error:
             report["cpu_activation_pool"] = f"invalid: {error}"
+        from resnet_fast.ops import blocked
+
+        try:
+            report["cpu_blocked_stages"] = "on" if blocked.enabled() else "off"
+        except ValueError as error:
+            report["cpu_blocked_stages"] = f"invalid: {error}"
     return report
 
 
@@ -95,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
         setting = os.environ.get(pool_variable, "1")
         print(f"CPU activation pool (buffers kept between passes): {report['cpu_activation_pool']} "
               f"({pool_variable}={setting})")
+        from resnet_fast.ops.blocked import ENV_VAR as blocked_variable
+
+        setting = os.environ.get(blocked_variable, "auto")
+        print(f"CPU inference residual stages on 8-channel blocks: {report['cpu_blocked_stages']} "
+              f"({blocked_variable}={setting})")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")

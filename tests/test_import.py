@@ -82,6 +82,7 @@ def test_cli_info_runs():
     if _extension.build_info()["loaded"]:
         assert "CPU inference 3x3 stride-1 convolutions: " in result.stdout, result.stdout
         assert "CPU activation pool (buffers kept between passes): on" in result.stdout, result.stdout
+        assert "CPU inference residual stages on 8-channel blocks: " in result.stdout, result.stdout
 
 
 def test_extension_build_info():

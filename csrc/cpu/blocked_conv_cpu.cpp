@@ -260,20 +260,18 @@ void blocked_conv_kernel(const ConvShape& s, const float* x, const float* weight
   const Schedule plan = schedule_for(s);
   const int64_t out_pixels = s.out_height * s.out_width;
   parallel_tasks(s.batch * plan.chunks * plan.groups, [&](int64_t task) {
-    {
-      const int64_t group = plan.groups_outer ? task / (s.batch * plan.chunks) : task % plan.groups;
-      const int64_t image_chunk = plan.groups_outer ? task % (s.batch * plan.chunks) : task / plan.groups;
-      const int64_t chunk = image_chunk % plan.chunks, image = image_chunk / plan.chunks;
-      const int64_t pixel_begin = chunk * plan.pixels_per_chunk;
-      const int64_t pixel_end = std::min(out_pixels, pixel_begin + plan.pixels_per_chunk);
-      const int64_t panel_end = std::min(s.panels, (group + 1) * plan.panels_per_group);
-      for (int64_t panel = group * plan.panels_per_group; panel < panel_end; ++panel) {
-        for (int64_t pixel = pixel_begin; pixel < pixel_end;) {
-          const int64_t row = pixel / s.out_width, col = pixel % s.out_width;
-          const int64_t span_end = std::min(s.out_width, col + (pixel_end - pixel));
-          conv_row_span<kResidual, kRelu>(s, image, row, col, span_end, panel, x, weight, bias, residual, out);
-          pixel += span_end - col;
-        }
+    const int64_t group = plan.groups_outer ? task / (s.batch * plan.chunks) : task % plan.groups;
+    const int64_t image_chunk = plan.groups_outer ? task % (s.batch * plan.chunks) : task / plan.groups;
+    const int64_t chunk = image_chunk % plan.chunks, image = image_chunk / plan.chunks;
+    const int64_t pixel_begin = chunk * plan.pixels_per_chunk;
+    const int64_t pixel_end = std::min(out_pixels, pixel_begin + plan.pixels_per_chunk);
+    const int64_t panel_end = std::min(s.panels, (group + 1) * plan.panels_per_group);
+    for (int64_t panel = group * plan.panels_per_group; panel < panel_end; ++panel) {
+      for (int64_t pixel = pixel_begin; pixel < pixel_end;) {
+        const int64_t row = pixel / s.out_width, col = pixel % s.out_width;
+        const int64_t span_end = std::min(s.out_width, col + (pixel_end - pixel));
+        conv_row_span<kResidual, kRelu>(s, image, row, col, span_end, panel, x, weight, bias, residual, out);
+        pixel += span_end - col;
       }
     }
   });

@@ -197,41 +197,39 @@ void winograd_kernel(const float* x, const float* u, const float* bias, const fl
     workspace.resize(std::max<size_t>(workspace.size(), v_size + kPositions * rows * m_stride));
     float* v = workspace.data();
     float* m = v + v_size;
-    {
-      const int64_t chunk = task / plan.panel_splits, split = task % plan.panel_splits;
-      const int64_t first_tile = chunk * rows;
-      const int64_t tiles = std::min(rows, geo.tiles - first_tile);
-      const int64_t panel_begin = split * max_panels, panel_end = std::min(geo.panels, panel_begin + max_panels);
-      if (panel_begin >= panel_end) return;
-      const int64_t k_begin = panel_begin * kPanelColumns;
-      const int64_t k_end = std::min(geo.out_channels, panel_end * kPanelColumns);
+    const int64_t chunk = task / plan.panel_splits, split = task % plan.panel_splits;
+    const int64_t first_tile = chunk * rows;
+    const int64_t tiles = std::min(rows, geo.tiles - first_tile);
+    const int64_t panel_begin = split * max_panels, panel_end = std::min(geo.panels, panel_begin + max_panels);
+    if (panel_begin >= panel_end) return;
+    const int64_t k_begin = panel_begin * kPanelColumns;
+    const int64_t k_end = std::min(geo.out_channels, panel_end * kPanelColumns);
 
-      const int64_t v_position_stride = rows * geo.in_channels;
-      for (int64_t t = 0; t < tiles; ++t) {
-        transform_input_tile(x, geo, tile_origin(geo, first_tile + t), v + t * geo.in_channels, v_position_stride);
-      }
-      // Rows past the last tile feed only discarded products; zeros keep them finite.
-      for (int64_t p = 0; p < kPositions; ++p) {
-        std::fill(v + p * v_position_stride + tiles * geo.in_channels, v + (p + 1) * v_position_stride, 0.f);
-      }
+    const int64_t v_position_stride = rows * geo.in_channels;
+    for (int64_t t = 0; t < tiles; ++t) {
+      transform_input_tile(x, geo, tile_origin(geo, first_tile + t), v + t * geo.in_channels, v_position_stride);
+    }
+    // Rows past the last tile feed only discarded products; zeros keep them finite.
+    for (int64_t p = 0; p < kPositions; ++p) {
+      std::fill(v + p * v_position_stride + tiles * geo.in_channels, v + (p + 1) * v_position_stride, 0.f);
+    }
 
-      const int64_t m_position_stride = rows * m_stride;
-      const int64_t used_rows = ceil_div(tiles, kPanelRows) * kPanelRows;
-      for (int64_t p = 0; p < kPositions; ++p) {
-        for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
-          const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
-          for (int64_t r = 0; r < used_rows; r += kPanelRows) {
-            micro_kernel(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
-                          m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
-          }
+    const int64_t m_position_stride = rows * m_stride;
+    const int64_t used_rows = ceil_div(tiles, kPanelRows) * kPanelRows;
+    for (int64_t p = 0; p < kPositions; ++p) {
+      for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
+        const float* b = u + (p * geo.panels + panel) * geo.in_channels * kPanelColumns;
+        for (int64_t r = 0; r < used_rows; r += kPanelRows) {
+          micro_kernel(v + p * v_position_stride + r * geo.in_channels, geo.in_channels, b, geo.in_channels,
+                        m + p * m_position_stride + r * m_stride + (panel - panel_begin) * kPanelColumns, m_stride);
         }
       }
+    }
 
-      for (int64_t t = 0; t < tiles; ++t) {
-        transform_output_tile<kRelu, kResidual>(m + t * m_stride, m_position_stride, geo,
-                                                tile_origin(geo, first_tile + t), k_begin, k_end, bias, residual,
-                                                out);
-      }
+    for (int64_t t = 0; t < tiles; ++t) {
+      transform_output_tile<kRelu, kResidual>(m + t * m_stride, m_position_stride, geo,
+                                              tile_origin(geo, first_tile + t), k_begin, k_end, bias, residual,
+                                              out);
     }
   });
 }
