@@ -3,9 +3,10 @@
 channels_last keeps all C channels of a pixel together; the blocked layout keeps 8 channels of
 consecutive pixels together, so the operand of a 1x1 convolution's inner loop (6 pixels x 8
 channels) is one contiguous run instead of 6 rows C floats apart. On this project's AVX2 machine
-the extension's blocked 1x1 convolution is 1.1-1.3x faster than oneDNN's channels_last one
-(``benchmarks/NOTES.md``, CPU kernels 16). :class:`~resnet_fast.models.FastResNet` converts once
-after the stem and once after ``layer4``; every residual unit in between runs here:
+the extension's blocked 1x1 convolution is 1.03-1.43x faster than oneDNN's channels_last one per
+ResNet-50 shape, 1.2x summed (``benchmarks/NOTES.md``, CPU kernels 16).
+:class:`~resnet_fast.models.FastResNet` enters the layout in the stem's max-pool
+(:func:`max_pool_to_blocked`) and leaves it after ``layer4``; every residual unit in between runs here:
 
 * 3x3 stride 1: the Winograd kernel (``winograd_conv3x3_blocked``);
 * every other shape (1x1, strided 3x3, the downsample): a direct convolution (``blocked_conv``),
