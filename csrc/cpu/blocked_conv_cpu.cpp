@@ -343,13 +343,7 @@ Tensor blocked_conv_cpu(const Tensor& x, const Tensor& packed_weight, const Tens
   constexpr const char* op = "blocked_conv";
   const ConvShape s = checked_shape(op, x, packed_weight, bias, stride, padding);
   const std::vector<int64_t> out_shape = output_shape(s);
-  Tensor residual_c;
-  if (residual.has_value()) {
-    check_blocked_activation(op, "residual", *residual);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, ": residual shape ", residual->sizes(),
-                " does not match the output shape ", at::IntArrayRef(out_shape));
-    residual_c = residual->contiguous();
-  }
+  const Tensor residual_c = checked_blocked_residual(op, residual, out_shape);
   Tensor out = at::empty(out_shape, x.options());
   if (out.numel() == 0) return out;
   run_blocked_conv(s, x, packed_weight, bias, residual.has_value() ? residual_c.const_data_ptr<float>() : nullptr,

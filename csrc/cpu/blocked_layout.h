@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace resnet_fast {
 
@@ -38,6 +39,17 @@ inline void check_blocked_activation(const char* op, const char* name, const at:
               " must be in 8-channel blocks, shape (N, C/8, H, W, 8) with C/8 >= 1, got shape ", t.sizes());
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+}
+
+// The residual of a blocked op, checked against the output's shape and made contiguous; an undefined
+// tensor when there is none.
+inline at::Tensor checked_blocked_residual(const char* op, const std::optional<at::Tensor>& residual,
+                                           at::IntArrayRef out_shape) {
+  if (!residual.has_value()) return {};
+  check_blocked_activation(op, "residual", *residual);
+  TORCH_CHECK(residual->sizes() == out_shape, op, ": residual shape ", residual->sizes(),
+              " does not match the output shape ", out_shape);
+  return residual->contiguous();
 }
 
 }  // namespace resnet_fast

@@ -322,13 +322,7 @@ Tensor winograd_conv3x3_blocked_cpu(const Tensor& x, const Tensor& packed_weight
   geo.out = ActivationLayout::blocked(geo.out_channels, geo.height, geo.width);
   const std::vector<int64_t> out_shape{geo.batch, geo.out_channels / kChannelBlock, geo.height, geo.width,
                                        kChannelBlock};
-  Tensor residual_c;
-  if (residual.has_value()) {
-    check_blocked_activation(op, "residual", *residual);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), op, ": residual shape ", residual->sizes(),
-                " does not match the output shape ", at::IntArrayRef(out_shape));
-    residual_c = residual->contiguous();
-  }
+  const Tensor residual_c = checked_blocked_residual(op, residual, out_shape);
   const Tensor x_c = x.contiguous();
   Tensor out = at::empty(out_shape, x.options());
   if (out.numel() == 0) return out;
