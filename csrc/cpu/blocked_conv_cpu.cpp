@@ -41,8 +41,8 @@ constexpr int64_t kMinTasks = 16;
 
 // (K, C, kh, kw) -> (ceil(K / 16), kh, kw, C, 16), zero beyond K.
 Tensor blocked_conv_weight_cpu(const Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3), "blocked_conv_weight: weight must be (K, C, k, k), got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3),
+              "blocked_conv_weight: weight must be (K, C, k, k), got shape ", weight.sizes());
   TORCH_CHECK(weight.device().is_cpu() && weight.is_floating_point(),
               "blocked_conv_weight: weight must be a floating-point CPU tensor, got ", weight.scalar_type(), " on ",
               weight.device());
@@ -170,7 +170,8 @@ void conv_row_span(const ConvShape& s, int64_t image, int64_t out_row, int64_t c
   const int64_t in_blocks = s.in_blocks, channels = in_blocks * kChannelBlock;
   const float* panel = weight + panel_index * s.panel_floats();
   const float* image_input = x + image * s.in_image_stride();
-  const int64_t out_base = image * s.out_image_stride() + 2 * panel_index * out_plane + out_row * s.out_width * kChannelBlock;
+  const int64_t out_base =
+      image * s.out_image_stride() + 2 * panel_index * out_plane + out_row * s.out_width * kChannelBlock;
   const bool second_block = 2 * panel_index + 1 < s.out_blocks;
   // Columns whose every kernel tap is inside the image: the interior, tiled 6 pixels at a time.
   const int64_t interior_begin = std::min(ceil_div(s.padding, s.stride), s.out_width);
@@ -284,8 +285,8 @@ ConvShape checked_shape(const char* op, const Tensor& x, const Tensor& packed_we
   TORCH_CHECK(packed_weight.dim() == 5 && packed_weight.size(1) == packed_weight.size(2) &&
                   packed_weight.size(3) == x.size(1) * kChannelBlock && packed_weight.size(4) == kPanelColumns,
               op, ": packed_weight must come from blocked_conv_weight for ", x.size(1) * kChannelBlock,
-              " input channels (shape (panels, k, k, ", x.size(1) * kChannelBlock, ", ", kPanelColumns, ")), got shape ",
-              packed_weight.sizes());
+              " input channels (shape (panels, k, k, ", x.size(1) * kChannelBlock, ", ", kPanelColumns,
+              ")), got shape ", packed_weight.sizes());
   TORCH_CHECK(packed_weight.device().is_cpu() && packed_weight.scalar_type() == at::kFloat &&
                   packed_weight.is_contiguous(),
               op, ": packed_weight must be a contiguous float32 CPU tensor");
