@@ -2,8 +2,11 @@
 
 Providers in each group: ``stock`` (``nn.Conv2d -> nn.BatchNorm2d -> add -> ReLU``,
 eager) and ``fused-<backend>`` (:class:`resnet_fast.ConvBNAct` with ``backend=``)
-for every backend available on the device. Eval runs under ``no_grad``; train
-runs forward + backward (input, residual and parameter gradients).
+for every backend available on the device; for CPU eval also ``fused-extension-blocked``,
+the unit as FastResNet runs it inside its residual stages (``resnet_fast.ops.blocked``:
+input, residual and output in 8-channel blocks, converted outside the timed call).
+Eval runs under ``no_grad``; train runs forward + backward (input, residual and
+parameter gradients).
 
 CPU: batch 4, fp32, channels_last. GPU: batch 128, bf16, channels_last.
 """
@@ -20,6 +23,8 @@ from torch import Tensor, nn
 
 from resnet_fast.bench import available_backends, record_throughput, suite_device, synchronized
 from resnet_fast.nn import ConvBNAct
+from resnet_fast.nn.fused import folded_conv
+from resnet_fast.ops import blocked
 
 DEVICE = suite_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -102,6 +107,17 @@ class StockUnit(nn.Module):
         return torch.relu(out) if self.relu else out
 
 
+class BlockedUnit(nn.Module):
+    """The eval unit on 8-channel blocks, as FastResNet's residual stages run it on CPU."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = conv, bn, relu
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return blocked.conv_bias_act(x, folded_conv(self.conv, self.bn, torch.float32), residual, self.relu)
+
+
 def make_unit(shape: UnitShape, provider: str, train: bool) -> nn.Module:
     """Seeded conv + BN with non-trivial statistics, wrapped as the stock unit or a fused one."""
     torch.manual_seed(0)
@@ -114,6 +130,8 @@ def make_unit(shape: UnitShape, provider: str, train: bool) -> nn.Module:
         bn.bias.uniform_(-0.1, 0.1)
     if provider == "stock":
         unit = StockUnit(conv, bn, shape.relu)
+    elif provider == BLOCKED:
+        unit = BlockedUnit(conv, bn, shape.relu)
     else:
         unit = ConvBNAct.from_modules(conv, bn, relu=shape.relu, backend=provider.removeprefix("fused-"))
     unit = unit.to(device=DEVICE, dtype=DTYPE, memory_format=MEMORY_FORMAT)
@@ -136,11 +154,17 @@ def make_inputs(shape: UnitShape, train: bool) -> tuple[Tensor, Optional[Tensor]
 
 
 PROVIDERS = ["stock"] + [f"fused-{name}" for name in FUSED_BACKENDS]
+BLOCKED = "fused-extension-blocked"
+EVAL_PROVIDERS = PROVIDERS + ([BLOCKED] if not ON_GPU and "extension" in FUSED_BACKENDS and blocked.available() else [])
 
 
 def _run_block(benchmark, shape: UnitShape, provider: str, train: bool) -> None:
     unit = make_unit(shape, provider, train)
     x, residual = make_inputs(shape, train)
+    memory_format = "channels_last"
+    if provider == BLOCKED:
+        x, residual = blocked.to_blocked(x), None if residual is None else blocked.to_blocked(residual)
+        memory_format = "8-channel blocks"
     if train:
         grad_out = torch.randn(BATCH, shape.out_channels, shape.out_size, shape.out_size, device=DEVICE,
                                dtype=DTYPE).contiguous(memory_format=MEMORY_FORMAT)
@@ -159,11 +183,16 @@ def _run_block(benchmark, shape: UnitShape, provider: str, train: bool) -> None:
     benchmark.pedantic(synchronized(run, DEVICE), rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     flops = shape.flops(BATCH) * (3 if train else 1)  # backward: grad input + grad weight, each as big as forward
     record_throughput(benchmark, DEVICE, images=BATCH, flops=flops, provider=provider, batch=BATCH,
-                      dtype=str(DTYPE).replace("torch.", ""), memory_format="channels_last")
+                      dtype=str(DTYPE).replace("torch.", ""), memory_format=memory_format)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s.label.replace(" ", "_") for s in SHAPES])
+# The stem (3 input channels) stays channels_last in FastResNet: no blocked unit for it.
+EVAL_CASES = [(shape, provider) for shape in SHAPES for provider in EVAL_PROVIDERS
+              if not (provider == BLOCKED and shape.in_channels % blocked.CHANNEL_BLOCK)]
+
+
+@pytest.mark.parametrize("shape,provider", EVAL_CASES,
+                         ids=[f"{shape.label.replace(' ', '_')}-{provider}" for shape, provider in EVAL_CASES])
 def test_block_eval(benchmark, shape: UnitShape, provider: str) -> None:
     _run_block(benchmark, shape, provider, train=False)
 
