@@ -26,15 +26,14 @@ from typing import Optional
 import torch
 
 from resnet_fast import _extension
+from resnet_fast.ops.extension import _cached_packed_weight, _winograd_packed_weight, cpu_conv3x3_algorithm
 from resnet_fast.ops.folding import FoldedConv
 
 ENV_VAR = "RESNET_FAST_CPU_BLOCKED"
 CHANNEL_BLOCK = 8
 MAX_KERNEL = 7  # blocked_conv's limit
 
-_ops = torch.ops.resnet_fast
-# Loading resnet_fast._C registers the kernels for the schemas (never raises; see _extension).
-_extension.extension()
+_ops = torch.ops.resnet_fast  # kernels registered when resnet_fast.ops.extension loads resnet_fast._C
 
 
 def enabled() -> bool:
@@ -43,8 +42,6 @@ def enabled() -> bool:
     if value not in ("auto", "1", "0"):
         raise ValueError(f"{ENV_VAR} must be auto, 1 or 0; got {value!r}")
     if value == "auto":
-        from resnet_fast.ops.extension import cpu_conv3x3_algorithm
-
         return cpu_conv3x3_algorithm() == "winograd"
     return value == "1"
 
@@ -109,12 +106,6 @@ def conv_supported(conv: torch.nn.Conv2d) -> bool:
             and conv.in_channels % CHANNEL_BLOCK == 0 and conv.out_channels % CHANNEL_BLOCK == 0)
 
 
-def _packed_weight(folded: FoldedConv, name: str, pack) -> torch.Tensor:
-    from resnet_fast.ops.extension import _cached_packed_weight
-
-    return _cached_packed_weight(folded, name, lambda: pack(folded.weight.detach()))
-
-
 def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool,
                   overwrite_residual: bool = False) -> torch.Tensor:
     """Inference unit on blocked activations: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
@@ -130,9 +121,9 @@ def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.
     g = folded.geometry
     bias = folded.bias.detach().to(torch.float32)
     if tuple(folded.weight.shape[-2:]) == (3, 3) and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1):
-        return _ops.winograd_conv3x3_blocked(x, _packed_weight(folded, "winograd", _ops.winograd_weight), bias,
-                                             residual, relu)
-    packed = _packed_weight(folded, "blocked", _ops.blocked_conv_weight)
+        # The channels_last unit's transformed weight (extension.py), shared with it.
+        return _ops.winograd_conv3x3_blocked(x, _winograd_packed_weight(folded), bias, residual, relu)
+    packed = _cached_packed_weight(folded, "blocked", lambda: _ops.blocked_conv_weight(folded.weight.detach()))
     if overwrite_residual and residual is not None and residual.is_contiguous():
         _ops.blocked_conv_add_(x, packed, bias, residual, relu, g.stride[0], g.padding[0])
         return residual
