@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 # (subcommand, module, help); each module provides add_arguments(parser) and run(args) -> int.
 _COMMANDS = [
@@ -53,30 +53,22 @@ def info_report() -> dict:
         report["triton"] = triton.__version__
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         pass
-    try:
-        report["requested_backend"] = backends.requested_backend()
-    except ValueError as error:
-        report["requested_backend"] = f"invalid: {error}"
+    report["requested_backend"] = _setting(backends.requested_backend)
     if report["extension"]["loaded"]:
-        from resnet_fast.ops import extension
+        from resnet_fast.ops import activation_pool, blocked, extension
 
-        try:
-            report["cpu_conv3x3"] = extension.cpu_conv3x3_algorithm()
-        except ValueError as error:
-            report["cpu_conv3x3"] = f"invalid: {error}"
-        from resnet_fast.ops import activation_pool
-
-        try:
-            report["cpu_activation_pool"] = "on" if activation_pool.enabled() else "off"
-        except ValueError as error:
-            report["cpu_activation_pool"] = f"invalid: {error}"
-        from resnet_fast.ops import blocked
-
-        try:
-            report["cpu_blocked_stages"] = "on" if blocked.enabled() else "off"
-        except ValueError as error:
-            report["cpu_blocked_stages"] = f"invalid: {error}"
+        report["cpu_conv3x3"] = _setting(extension.cpu_conv3x3_algorithm)
+        report["cpu_activation_pool"] = _setting(lambda: "on" if activation_pool.enabled() else "off")
+        report["cpu_blocked_stages"] = _setting(lambda: "on" if blocked.enabled() else "off")
     return report
+
+
+def _setting(read: Callable[[], str]) -> str:
+    """An environment-driven setting as the package reads it, or why its value is invalid."""
+    try:
+        return read()
+    except ValueError as error:
+        return f"invalid: {error}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,6 +115,11 @@ def _winograd_conv3x3_fake(x, packed_weight, bias, residual, relu):
     return x.new_empty((batch, bias.shape[0], height, width)).contiguous(memory_format=torch.channels_last)
 
 
+def _window_count(size, kernel: int, stride: int, padding: int):
+    """Output length of a convolution or pool window along one dimension (floor mode)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def _check_blocked(op: str, x) -> None:
     torch._check(x.dim() == 5 and x.shape[4] == CHANNEL_BLOCK,
                  lambda: f"{op}: x must be in 8-channel blocks, shape (N, C/8, H, W, 8), got {tuple(x.shape)}")
@@ -129,7 +134,8 @@ def _winograd_conv3x3_blocked_fake(x, packed_weight, bias, residual, relu):
 
 @torch.library.register_fake(f"{NAMESPACE}::blocked_conv_weight")
 def _blocked_conv_weight_fake(weight):
-    torch._check(weight.dim() == 4, lambda: f"blocked_conv_weight: weight must be (K, C, k, k), got {tuple(weight.shape)}")
+    torch._check(weight.dim() == 4,
+                 lambda: f"blocked_conv_weight: weight must be (K, C, k, k), got {tuple(weight.shape)}")
     out_channels, in_channels, kernel = weight.shape[0], weight.shape[1], weight.shape[2]
     panels = (out_channels + PANEL_COLUMNS - 1) // PANEL_COLUMNS
     return weight.new_empty((panels, kernel, kernel, in_channels, PANEL_COLUMNS), dtype=torch.float32)
@@ -140,8 +146,7 @@ def _blocked_conv_fake(x, packed_weight, bias, residual, relu, stride, padding):
     _check_blocked("blocked_conv", x)
     batch, _, height, width, _ = x.shape
     kernel = packed_weight.shape[1]
-    out_h = (height + 2 * padding - kernel) // stride + 1
-    out_w = (width + 2 * padding - kernel) // stride + 1
+    out_h, out_w = _window_count(height, kernel, stride, padding), _window_count(width, kernel, stride, padding)
     return x.new_empty((batch, bias.shape[0] // CHANNEL_BLOCK, out_h, out_w, CHANNEL_BLOCK))
 
 
@@ -155,6 +160,5 @@ def _blocked_conv_add_fake(x, packed_weight, bias, out, relu, stride, padding):
 def _max_pool_to_blocked_fake(x, kernel, stride, padding):
     torch._check(x.dim() == 4, lambda: f"max_pool_to_blocked: x must be (N, C, H, W), got {tuple(x.shape)}")
     batch, channels, height, width = x.shape
-    out_h = (height + 2 * padding - kernel) // stride + 1
-    out_w = (width + 2 * padding - kernel) // stride + 1
+    out_h, out_w = _window_count(height, kernel, stride, padding), _window_count(width, kernel, stride, padding)
     return x.new_empty((batch, channels // CHANNEL_BLOCK, out_h, out_w, CHANNEL_BLOCK))
