@@ -21,7 +21,7 @@ from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
 __all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
            "conv_bn_act_train", "check_unit_inputs", "autocast_dtype", "autocast_inputs",
            "update_running_stats", "backend_module",
-           "momentum_factor"]
+           "momentum_factor", "content_fingerprint", "content_fingerprint_available"]
 
 _IntOrPair = Union[int, Sequence[int]]
 _MODULES = {"reference": "resnet_fast.ops.reference", "extension": "resnet_fast.ops.extension",
@@ -37,6 +37,25 @@ def backend_module(name: str) -> ModuleType:
     if module is None:
         module = _loaded[name] = importlib.import_module(_MODULES[name])
     return module
+
+
+def content_fingerprint_available() -> bool:
+    """Whether :func:`content_fingerprint` has its compiled CPU kernel (``resnet_fast._C``)."""
+    from resnet_fast import _extension
+
+    return _extension.extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "resnet_fast::content_fingerprint", "CPU")
+
+
+def content_fingerprint(tensors: Sequence[torch.Tensor]) -> int:
+    """A 64-bit fingerprint of the CPU tensors' bytes: equal bytes give equal values, and any edit
+    (in place, through ``.data``, a permutation) changes it with overwhelming probability.
+
+    Equivalent PyTorch (slower, same purpose): ``hash(tuple(t.numpy().tobytes() for t in tensors))``.
+    """
+    from resnet_fast.ops import _library  # noqa: F401  (schema)
+
+    return torch.ops.resnet_fast.content_fingerprint(list(tensors))
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -54,6 +54,10 @@ _lib.define("max_pool_to_blocked(Tensor x, int kernel, int stride, int padding) 
 _lib.define("blocked_conv_add_(Tensor x, Tensor packed_weight, Tensor bias, Tensor(a!) out, bool relu, int stride, "
             "int padding) -> ()")
 
+# A 64-bit fingerprint of the tensors' contents (same bytes -> same value; any edit, in place or through
+# .data, changes it with overwhelming probability): the fold cache's guard against stale folded weights.
+_lib.define("content_fingerprint(Tensor[] tensors) -> int")
+
 WINOGRAD_POSITIONS = 16
 PANEL_COLUMNS = 16  # output channels per packed weight panel (csrc/cpu/micro_kernel.h)
 CHANNEL_BLOCK = 8  # channels per block of the blocked activation layout (csrc/cpu/blocked_layout.h)

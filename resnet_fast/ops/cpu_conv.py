@@ -77,9 +77,14 @@ def _forced_algorithm() -> Optional[str]:
 
 def _seconds_per_step(conv: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       geometry: ConvGeometry, grad_out: torch.Tensor) -> float:
-    """Best of TIMED_RUNS forward + backward passes (after one untimed) on detached copies."""
+    """Best of TIMED_RUNS forward + backward passes (after one untimed) on copies.
+
+    Copies made outside inference mode: a model in train mode may first run under it, and its
+    inference tensors can take no part in a backward."""
     best = float("inf")
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        x, weight, grad_out = (t.clone() if t.is_inference() else t for t in (x, weight, grad_out))
+        bias = bias.clone() if bias is not None and bias.is_inference() else bias
         for run in range(TIMED_RUNS + 1):
             inputs = [x.detach().requires_grad_(x.requires_grad), weight.detach().requires_grad_()]
             inputs.append(None if bias is None else bias.detach().requires_grad_())

@@ -15,7 +15,7 @@ import torch
 from resnet_fast import _extension
 from resnet_fast.ops import _library  # noqa: F401  (schemas)
 from resnet_fast.ops import update_running_stats
-from resnet_fast.ops.folding import ConvGeometry, FoldedConv
+from resnet_fast.ops.folding import ConvGeometry, FoldedConv, tensor_version
 from resnet_fast.ops import cpu_conv, reference
 
 _ops = torch.ops.resnet_fast
@@ -46,13 +46,17 @@ def _mkldnn_available() -> bool:
 def _cached_packed_weight(folded: FoldedConv, name: str,
                           pack: Callable[[], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     """``folded.packed[name]``: ``pack()`` made once per weight and kept (a None result is not kept)."""
-    # Keyed on the weight's identity and version too, so an in-place edit can never leave it stale.
-    key = (folded.weight.dtype, folded.weight.data_ptr(), folded.weight._version)
+    # Keyed on the weight's identity and version too, so an in-place edit can never leave it stale
+    # (an inference tensor has no version: its pack is made on each call, never kept).
+    version = tensor_version(folded.weight)
+    key = (folded.weight.dtype, folded.weight.data_ptr(), version)
     cached = folded.packed.get(name)
-    if cached is not None and cached[0] == key:
+    if version is not None and cached is not None and cached[0] == key:
         return cached[1]
-    packed = pack()
-    if packed is not None:
+    # Outside inference mode, so that a pack made under it serves later grad-mode calls as well.
+    with torch.inference_mode(False), torch.no_grad():
+        packed = pack()
+    if packed is not None and version is not None:
         folded.packed[name] = (key, packed)
     return packed
 
@@ -81,7 +85,7 @@ def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch
 
 def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
                           relu: bool) -> Optional[torch.Tensor]:
-    """One oneDNN call: conv + bias, then binary ``add`` (residual) and ``relu`` post-ops. None if unsupported
+    """One oneDNN call: conv + bias, then a binary ``add`` (residual) post-op, and ReLU in place. None if unsupported
     (also under torch.compile: oneDNN's weight reorder has no fake kernel to trace)."""
     if torch.compiler.is_compiling():
         return None
@@ -97,12 +101,14 @@ def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optiona
     x = x.contiguous(memory_format=torch.channels_last)
     bias = folded.bias.detach().to(x.dtype)
     geometry = (list(g.padding), list(g.stride), list(g.dilation), g.groups)
-    unary = "relu" if relu else "none"
+    # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the ReLU runs after, in place.
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, unary, [None], "")
-    residual = residual.contiguous(memory_format=torch.channels_last)
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual, packed, bias, *geometry, "add", None, "relu" if relu else None, [None], "")
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [None], "")
+    else:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        out = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, packed, bias, *geometry, "add", None, None, [None], "")
+    return out.relu_() if relu else out
 
 
 CONV3X3_ALGORITHMS = ("auto", "winograd", "onednn")
@@ -149,7 +155,7 @@ def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.
       weight transformed once (cached in ``folded.packed["winograd"]``); output channels_last.
       See :func:`cpu_conv3x3_algorithm`.
     * Other CPU float32 (and bfloat16 where oneDNN supports it on this CPU): one oneDNN
-      convolution with the bias, residual add and ReLU as post-ops, on a weight
+      convolution with the bias and residual add as post-ops (ReLU in place after it), on a weight
       pre-packed once (cached in ``folded.packed["mkldnn"]``). Channels_last is the
       working layout: an NCHW input/residual is converted once, and the output is
       channels_last whatever the input's format (keep activations channels_last

@@ -15,6 +15,11 @@ import torch
 _Pair = tuple[int, int]
 
 
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """``t._version``, or None for an inference tensor (it has no version counter)."""
+    return None if t.is_inference() else t._version
+
+
 def pair(value, name: str) -> _Pair:
     """``3 -> (3, 3)``; ``(1, 2) -> (1, 2)``; anything else is a clear error."""
     if isinstance(value, int) and not isinstance(value, bool):
