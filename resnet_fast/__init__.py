@@ -10,6 +10,7 @@ from resnet_fast.models.resnet import (
     BasicBlock,
     Bottleneck,
     FastResNet,
+    UnfusedUnitsWarning,
     resnet18,
     resnet34,
     resnet50,
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "is_available", "unavailable_reason", "use_backend",
-    "FastResNet", "BasicBlock", "Bottleneck", "ConvBNAct", "conv_bn_act",
+    "FastResNet", "BasicBlock", "Bottleneck", "ConvBNAct", "conv_bn_act", "UnfusedUnitsWarning",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
 ]

@@ -8,18 +8,22 @@ runs as one fused unit (:func:`resnet_fast.nn.conv_bn_unit`).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any, Callable, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
 
 from resnet_fast import backends
-from resnet_fast.nn.fused import check_unit_modules, clear_fold_cache, conv_bn_unit, folded_conv
+from resnet_fast.models import weights as _weights  # torchvision's weights enums, imported only when asked for
+from resnet_fast.nn.fused import clear_fold_cache, conv_bn_unit, folded_conv, folds, norm_kind
 from resnet_fast.ops import blocked
 from resnet_fast.ops.activation_pool import ActivationPool
 
 __all__ = ["FastResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+           "UnfusedUnitsWarning"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -34,12 +38,20 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 def _check_norm_layer(norm_layer: Optional[Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
+    """torchvision's rule: any callable that makes a norm module from a channel count (default BatchNorm2d)."""
     if norm_layer is None:
         return nn.BatchNorm2d
-    if not (isinstance(norm_layer, type) and issubclass(norm_layer, nn.BatchNorm2d)
-            and not issubclass(norm_layer, nn.SyncBatchNorm)):
-        raise ValueError(f"FastResNet fuses nn.BatchNorm2d only; norm_layer={norm_layer!r} is not supported")
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable returning an nn.Module, got {norm_layer!r}")
     return norm_layer
+
+
+def _traced(x: Any) -> bool:
+    """Whether ``torch.fx.symbolic_trace`` or ``torch.jit.trace`` is recording this call: the model then
+    runs torchvision's own forward over the stock modules, so the recorded program is torchvision's
+    (same node names; parameters referenced, not folded copies baked in as constants).
+    ``torch.jit.script`` compiles that same forward (``torch.jit.is_scripting()``)."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
 
 
 def _identity(x: Tensor, downsample: Optional[nn.Module], backend: Optional[str]) -> Tensor:
@@ -92,9 +104,27 @@ class BasicBlock(nn.Module):
         self.backend: Optional[str] = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # on its own: TorchScript then compiles nothing after it
+            return self._stock_forward(x)
+        if _traced(x):
+            return self._stock_forward(x)
         identity = _identity(x, self.downsample, self.backend)
         out = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv2, self.bn2, residual=identity, relu=True, backend=self.backend)
+
+    def _stock_forward(self, x: Tensor) -> Tensor:
+        """torchvision's ``BasicBlock.forward``, module for module."""
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
     def _forward_blocked(self, x: Tensor) -> Tensor:
         """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
@@ -127,10 +157,31 @@ class Bottleneck(nn.Module):
         self.backend: Optional[str] = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # on its own: TorchScript then compiles nothing after it
+            return self._stock_forward(x)
+        if _traced(x):
+            return self._stock_forward(x)
         identity = _identity(x, self.downsample, self.backend)
         out = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
         out = conv_bn_unit(out, self.conv2, self.bn2, relu=True, backend=self.backend)
         return conv_bn_unit(out, self.conv3, self.bn3, residual=identity, relu=True, backend=self.backend)
+
+    def _stock_forward(self, x: Tensor) -> Tensor:
+        """torchvision's ``Bottleneck.forward``, module for module."""
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
     def _forward_blocked(self, x: Tensor) -> Tensor:
         """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
@@ -151,12 +202,17 @@ class FastResNet(nn.Module):
         zero_init_residual: zero the last BN weight of each block, so each block starts as the identity.
         groups, width_per_group: ResNeXt / wide ResNet width settings.
         replace_stride_with_dilation: per stage 2-4, use dilation instead of stride 2.
-        norm_layer: ``nn.BatchNorm2d`` (or a subclass); other norms cannot be fused.
+        norm_layer: makes each norm module from a channel count, as in torchvision. ``nn.BatchNorm2d``
+            (default) is fused in training and eval; torchvision's ``FrozenBatchNorm2d`` is folded into
+            the conv in both modes; any other norm (``GroupNorm``, ``SyncBatchNorm``, a custom module)
+            runs unfused, correctly, with one warning at construction naming those units.
         small_input: a 3x3 stride-1 stem without max-pool, for 32x32 images (CIFAR-10 style).
         backend: pin every unit of this model to a backend (default: the selection rules of ``resnet_fast.backends``).
 
     Equivalent PyTorch: ``torchvision.models.ResNet(block, layers, ...)``.
     """
+
+    __jit_unused_properties__ = ["activation_pool"]  # eager-only state; torch.jit.script skips it
 
     def __init__(
         self,
@@ -217,6 +273,7 @@ class FastResNet(nn.Module):
                 elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
         self.set_backend(backend)
+        warn_unfused_units(self)
 
     def _make_layer(self, block: Type[Union[BasicBlock, Bottleneck]], planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
@@ -265,6 +322,10 @@ class FastResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The trunk up to ``layer4``: (N, 512 * expansion, H/32, W/32) feature maps."""
+        if torch.jit.is_scripting():  # on its own: TorchScript then compiles nothing after it
+            return self._stock_features(x)
+        if _traced(x):
+            return self._stock_features(x)
         if not isinstance(x, Tensor):
             raise TypeError(f"FastResNet expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != 3:
@@ -282,6 +343,18 @@ class FastResNet(nn.Module):
             x = self.layer2(x)
             x = self.layer3(x)
             return self.layer4(x)
+
+    def _stock_features(self, x: Tensor) -> Tensor:
+        """torchvision's ``ResNet._forward_impl`` up to ``layer4``, module for module."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        return x
 
     def _runs_blocked(self, x: Tensor) -> bool:
         """Whether the residual stages can run on 8-channel blocks (``resnet_fast.ops.blocked``)
@@ -310,9 +383,7 @@ class FastResNet(nn.Module):
                 if backends.resolve(block.backend, x.device) != "extension":
                     return False
                 for conv, bn in _block_units(block):
-                    if (bn.training or not bn.track_running_stats or bn.running_mean is None
-                            or conv.weight.dtype != torch.float32
-                            or not blocked.conv_supported(conv)):
+                    if not folds(bn) or conv.weight.dtype != torch.float32 or not blocked.conv_supported(conv):
                         return False
         return self.layer1[0].conv1.in_channels == x.shape[1]
 
@@ -328,18 +399,18 @@ class FastResNet(nn.Module):
         config = _infer_config(model)
         block = BasicBlock if config.pop("block") == "BasicBlock" else Bottleneck
         layers = config.pop("layers")
-        fast = cls(block, layers, backend=backend, **config)
+        with warnings.catch_warnings():  # warned once below, after the norm layers are in place
+            warnings.simplefilter("ignore", UnfusedUnitsWarning)
+            fast = cls(block, layers, backend=backend, **config)
+        _copy_norm_layers(model, fast)
         fast.load_state_dict(model.state_dict(), strict=True)
-        fast_modules = dict(fast.named_modules())
-        for name, module in model.named_modules():
-            if isinstance(module, nn.BatchNorm2d):
-                fast_modules[name].eps, fast_modules[name].momentum = module.eps, module.momentum
+        warn_unfused_units(fast)
         reference = next(model.parameters())
         fast.to(device=reference.device, dtype=reference.dtype)
         return fast.train(model.training)
 
     def to_torchvision(self) -> nn.Module:
-        """A ``torchvision.models.ResNet`` with this model's weights, buffers, device, dtype and mode."""
+        """A ``torchvision.models.ResNet`` with this model's weights, buffers, norm layers, device, dtype and mode."""
         from torchvision.models import resnet as tv
 
         config = dict(self.config)
@@ -349,14 +420,56 @@ class FastResNet(nn.Module):
         if small_input:
             model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             model.maxpool = nn.Identity()
+        _copy_norm_layers(self, model)
         model.load_state_dict(self.state_dict(), strict=True)
-        tv_modules = dict(model.named_modules())
-        for name, module in self.named_modules():
-            if isinstance(module, nn.BatchNorm2d):
-                tv_modules[name].eps, tv_modules[name].momentum = module.eps, module.momentum
         reference = next(self.parameters())
         model.to(device=reference.device, dtype=reference.dtype)
         return model.train(self.training)
+
+
+class UnfusedUnitsWarning(UserWarning):
+    """Some conv + norm units of a FastResNet run through their stock modules (their norm layer is not fused)."""
+
+
+def _unit_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the norm layer of every conv + norm unit of a ResNet: stem, blocks, downsamples."""
+    norms = [("bn1", model.bn1)]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for index, block in enumerate(getattr(model, stage)):
+            prefix = f"{stage}.{index}."
+            norms += [(prefix + name, module) for name, module in block.named_children() if name.startswith("bn")]
+            if block.downsample is not None:
+                norms.append((prefix + "downsample.1", block.downsample[1]))
+    return norms
+
+
+def _copy_norm_layers(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the norm layers of ``source`` (same structure): the same settings (eps, momentum, ...),
+    and a copy of any norm that is not a plain ``nn.BatchNorm2d``. Weights and buffers follow with the
+    state_dict."""
+    source_norms = dict(_unit_norms(source))
+    for name, norm in _unit_norms(target):
+        theirs = source_norms[name]
+        same_kind = type(theirs) is nn.BatchNorm2d and type(norm) is nn.BatchNorm2d and (
+            (theirs.affine, theirs.track_running_stats) == (norm.affine, norm.track_running_stats))
+        if same_kind:
+            norm.eps, norm.momentum = theirs.eps, theirs.momentum
+        else:
+            parent, _, attr = name.rpartition(".")
+            setattr(target.get_submodule(parent) if parent else target, attr, copy.deepcopy(theirs))
+
+
+def warn_unfused_units(model: nn.Module) -> None:
+    """One warning naming the units whose norm layer runs unfused (see :func:`resnet_fast.nn.fused.norm_kind`)."""
+    norms = _unit_norms(model)
+    unfused = [(name, norm) for name, norm in norms if norm_kind(norm) == "unfused"]
+    if not unfused:
+        return
+    kinds = sorted({type(norm).__name__ for _, norm in unfused})
+    names = ", ".join(name for name, _ in unfused[:4]) + (", ..." if len(unfused) > 4 else "")
+    warnings.warn(f"FastResNet: {len(unfused)} of {len(norms)} conv + norm units run unfused through their stock "
+                  f"modules ({', '.join(kinds)}; only nn.BatchNorm2d and FrozenBatchNorm2d are fused): {names}",
+                  UnfusedUnitsWarning, stacklevel=3)
 
 
 def _infer_config(model: nn.Module) -> dict[str, Any]:
@@ -369,9 +482,6 @@ def _infer_config(model: nn.Module) -> dict[str, Any]:
     kind = type(first).__name__
     if kind not in ("BasicBlock", "Bottleneck"):
         raise TypeError(f"unsupported residual block {kind}; expected torchvision's BasicBlock or Bottleneck")
-    for name, module in model.named_modules():
-        if isinstance(module, nn.BatchNorm2d) and type(module) is not nn.BatchNorm2d:
-            raise TypeError(f"{name} is a {type(module).__name__}; FastResNet fuses nn.BatchNorm2d only")
     if kind == "Bottleneck":
         groups = first.conv2.groups
         width_per_group = first.conv2.out_channels // groups
@@ -389,67 +499,124 @@ def _infer_config(model: nn.Module) -> dict[str, Any]:
     )
 
 
+
+
 def _resnet(block: Type[Union[BasicBlock, Bottleneck]], layers: list[int], weights: Any, progress: bool,
             **kwargs: Any) -> FastResNet:
+    """torchvision's ``_resnet``: ``weights`` (already verified) fixes ``num_classes`` and loads its checkpoint."""
     if weights is not None:
-        raise ValueError("pretrained weights are not downloaded by resnet_fast: build the torchvision model with "
-                         "its weights and convert it with FastResNet.from_torchvision(model), or load a "
-                         "torchvision state_dict with model.load_state_dict(...)")
-    return FastResNet(block, layers, **kwargs)
+        _weights.overwrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    model = FastResNet(block, layers, **kwargs)
+    if weights is not None:
+        _weights.load_pretrained(model, weights, progress)
+    return model
 
 
 def resnet18(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNet-18. Equivalent PyTorch: ``torchvision.models.resnet18(**kwargs)``."""
+    """ResNet-18. Equivalent PyTorch: ``torchvision.models.resnet18(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNet18_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnet18", weights, kwargs)
     return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, **kwargs)
 
 
 def resnet34(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNet-34. Equivalent PyTorch: ``torchvision.models.resnet34(**kwargs)``."""
+    """ResNet-34. Equivalent PyTorch: ``torchvision.models.resnet34(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNet34_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnet34", weights, kwargs)
     return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
 def resnet50(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNet-50. Equivalent PyTorch: ``torchvision.models.resnet50(**kwargs)``."""
+    """ResNet-50. Equivalent PyTorch: ``torchvision.models.resnet50(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNet50_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnet50", weights, kwargs)
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
 def resnet101(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNet-101. Equivalent PyTorch: ``torchvision.models.resnet101(**kwargs)``."""
+    """ResNet-101. Equivalent PyTorch: ``torchvision.models.resnet101(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNet101_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnet101", weights, kwargs)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
 
 
 def resnet152(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNet-152. Equivalent PyTorch: ``torchvision.models.resnet152(**kwargs)``."""
+    """ResNet-152. Equivalent PyTorch: ``torchvision.models.resnet152(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNet152_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnet152", weights, kwargs)
     return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, **kwargs)
 
 
 def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNeXt-50 32x4d. Equivalent PyTorch: ``torchvision.models.resnext50_32x4d(**kwargs)``."""
-    kwargs.update(groups=32, width_per_group=4)
+    """ResNeXt-50 32x4d. Equivalent PyTorch: ``torchvision.models.resnext50_32x4d(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNeXt50_32X4D_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnext50_32x4d", weights, kwargs)
+    _weights.overwrite_named_param(kwargs, "groups", 32)
+    _weights.overwrite_named_param(kwargs, "width_per_group", 4)
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
 def resnext101_32x8d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNeXt-101 32x8d. Equivalent PyTorch: ``torchvision.models.resnext101_32x8d(**kwargs)``."""
-    kwargs.update(groups=32, width_per_group=8)
+    """ResNeXt-101 32x8d. Equivalent PyTorch: ``torchvision.models.resnext101_32x8d(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNeXt101_32X8D_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnext101_32x8d", weights, kwargs)
+    _weights.overwrite_named_param(kwargs, "groups", 32)
+    _weights.overwrite_named_param(kwargs, "width_per_group", 8)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
 
 
 def resnext101_64x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """ResNeXt-101 64x4d. Equivalent PyTorch: ``torchvision.models.resnext101_64x4d(**kwargs)``."""
-    kwargs.update(groups=64, width_per_group=4)
+    """ResNeXt-101 64x4d. Equivalent PyTorch: ``torchvision.models.resnext101_64x4d(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.ResNeXt101_64X4D_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("resnext101_64x4d", weights, kwargs)
+    _weights.overwrite_named_param(kwargs, "groups", 64)
+    _weights.overwrite_named_param(kwargs, "width_per_group", 4)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
 
 
 def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """Wide ResNet-50-2. Equivalent PyTorch: ``torchvision.models.wide_resnet50_2(**kwargs)``."""
-    kwargs["width_per_group"] = 64 * 2
+    """Wide ResNet-50-2. Equivalent PyTorch: ``torchvision.models.wide_resnet50_2(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.Wide_ResNet50_2_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("wide_resnet50_2", weights, kwargs)
+    _weights.overwrite_named_param(kwargs, "width_per_group", 64 * 2)
     return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, **kwargs)
 
 
 def wide_resnet101_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> FastResNet:
-    """Wide ResNet-101-2. Equivalent PyTorch: ``torchvision.models.wide_resnet101_2(**kwargs)``."""
-    kwargs["width_per_group"] = 64 * 2
+    """Wide ResNet-101-2. Equivalent PyTorch: ``torchvision.models.wide_resnet101_2(**kwargs)``.
+
+    ``weights``: a ``torchvision.models.Wide_ResNet101_2_Weights`` member or its name (``"DEFAULT"``), loaded
+    like torchvision's from torch.hub's cache (downloaded there first if missing).
+    """
+    weights = _weights.verify("wide_resnet101_2", weights, kwargs)
+    _weights.overwrite_named_param(kwargs, "width_per_group", 64 * 2)
     return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, **kwargs)
 
 
