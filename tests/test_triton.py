@@ -13,6 +13,7 @@ and every kernel output is poisoned (NaN) before the kernel writes it.
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -451,6 +452,263 @@ def test_ops_layer_dispatches_to_triton():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
     assert int(tracked) == 1
+
+
+# --------------------------------------------------------------------------- NaN and Inf
+#
+# NaN and Inf propagate exactly as in the stock layers: relu(NaN) = NaN, relu's backward is
+# threshold_backward(grad, out, 0) (the grad passes where out is NaN), BN statistics as F.batch_norm's
+# (CPU) sum / count. Compared with the reference backend / torch: the same NaN and +-Inf positions,
+# the finite values close. Triton 3.8's interpreter lowers tl.maximum's default (maxnum) to np.fmax,
+# which drops NaN as the GPU does, so these tests see a bare tl.maximum; the source guard below covers
+# interpreters that would not.
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _assert_same_nonfinite(got, ref, name, rtol=1e-4, atol=1e-5):
+    """NaN exactly where ``ref`` is NaN, the same +-Inf, and the finite values close."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    for what, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        mismatch = test(got) != test(ref)
+        if mismatch.any():
+            where = [int(i) for i in mismatch.nonzero()[0]]
+            raise AssertionError(f"{name}: {what} positions differ at {int(mismatch.sum())} elements (first at "
+                                 f"{where}: got {got[tuple(where)].item()}, reference {ref[tuple(where)].item()})")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _place(t, values):
+    """``t`` with ``t[index] = value`` for each ``(index, value)``: NaN/Inf at chosen elements."""
+    t = t.clone()
+    for index, value in values:
+        t[index] = value
+    return t
+
+
+def test_bias_act_keeps_nan_and_inf():
+    """Inference epilogue after a vendor conv (bias + residual + ReLU) with NaN/+-Inf in y, bias and residual."""
+    y = _place(_randn(2, 6, 3, 3), [((0, 0, 0, 0), NAN), ((1, 0, 2, 1), -INF), ((0, 1, 1, 1), INF),
+                                    ((1, 2, 0, 2), -INF), ((0, 3, 2, 2), INF), ((1, 5, 1, 0), NAN)])
+    bias = _place(_randn(6), [(4, INF), (5, -INF)])
+    residual = _place(_randn(2, 6, 3, 3), [((0, 0, 1, 2), NAN), ((1, 2, 0, 2), NAN), ((0, 3, 2, 2), -INF),
+                                           ((1, 1, 0, 0), INF), ((0, 1, 0, 1), -INF)])
+    for layout in ("nchw", "nhwc"):
+        y_l, residual_l = (t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else t
+                           for t in (y, residual))
+        with torch.no_grad():
+            out = bn_act.bias_act(y_l, bias, residual_l, True)
+            plain = bn_act.bias_act(y_l, bias, None, False)
+        _assert_same_nonfinite(out, torch.relu(y + bias.view(1, -1, 1, 1) + residual), f"relu out ({layout})")
+        _assert_same_nonfinite(plain, y + bias.view(1, -1, 1, 1), f"plain out ({layout})")
+
+
+def test_conv_bias_act_keeps_nan_and_inf():
+    """The conv kernel's epilogue: NaN/+-Inf in x, the weight and the residual (1x1, no padding taps, so
+    where a NaN/Inf lands does not depend on how a conv implementation treats 0 * Inf at the border)."""
+    x = _place(_randn(2, 8, 5, 5), [((0, 2, 1, 3), NAN), ((1, 4, 4, 0), INF)])
+    weight = _place(_randn(13, 8, 1, 1, scale=8 ** -0.5), [((1, 2, 0, 0), NAN), ((3, 0, 0, 0), INF),
+                                                           ((4, 5, 0, 0), -INF)])
+    bias = _randn(13)
+    residual = _place(_randn(2, 13, 5, 5), [((0, 6, 2, 2), NAN), ((1, 7, 0, 1), INF), ((0, 8, 3, 3), -INF)])
+    packed = conv.pack_weight(weight, 1)
+    with torch.no_grad():
+        out = conv.conv_bias_act(x, packed, bias, residual, (1, 1), (0, 0), (1, 1), True)
+        plain = conv.conv_bias_act(x, packed, bias, None, (1, 1), (0, 0), (1, 1), False)
+        stock = F.conv2d(x, weight, bias)
+    _assert_same_nonfinite(out, torch.relu(stock + residual), "relu out")
+    _assert_same_nonfinite(plain, stock, "plain out")
+
+
+def test_bn_act_backward_passes_grad_where_out_is_nan():
+    """The backward kernels alone, on a given ``out``: g = threshold_backward(grad_out, out, 0), so a NaN ``out``
+    passes the grad, ``out <= 0`` (-0.0 included) blocks it even when the grad is NaN, +Inf passes it."""
+    y = _randn(2, 5, 4, 4, scale=2.0)
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    weight = _randn(5, scale=0.5, offset=1.0)
+    # Channel 0: NaN out (grad passes, results finite); 1: NaN grad where out == 0 (blocked); 2: NaN grad where
+    # out > 0 (passed: the channel's grad_y and grad_weight are NaN); 3: out +Inf (passes) and -0.0 (blocks).
+    out = _place(torch.relu(_randn(2, 5, 4, 4)), [((0, 0, 1, 1), NAN), ((1, 0, 3, 2), NAN), ((1, 1, 2, 2), 0.0),
+                                                  ((0, 2, 0, 3), 1.0), ((0, 3, 2, 0), INF), ((1, 3, 0, 0), -0.0)])
+    grad_out = _place(_randn(2, 5, 4, 4), [((1, 1, 2, 2), NAN), ((0, 2, 0, 3), NAN)])
+    grad_y, grad_weight, grad_bias, grad_residual = bn_act.bn_act_backward_op(
+        grad_out, out, y, mean, var, weight, 1e-5, True, True)
+
+    g = torch.ops.aten.threshold_backward(grad_out.double(), out.double(), 0.0)
+    shape = (1, -1, 1, 1)
+    count = y.numel() // y.shape[1]
+    invstd = torch.rsqrt(var.double() + 1e-5)
+    centered = y.double() - mean.double().view(shape)
+    sum_g, sum_gc = g.sum(dim=(0, 2, 3)), (g * centered).sum(dim=(0, 2, 3))
+    ref_grad_y = (weight.double() * invstd).view(shape) * (
+        g - (sum_g / count).view(shape) - centered * (invstd * invstd * sum_gc / count).view(shape))
+    _assert_same_nonfinite(grad_residual, g, "grad residual")
+    _assert_same_nonfinite(grad_bias, sum_g, "grad bias")
+    _assert_same_nonfinite(grad_weight, sum_gc * invstd, "grad weight")
+    _assert_same_nonfinite(grad_y, ref_grad_y, "grad y")
+
+
+# (id, places in y, places in the residual) on a (2, 6, 4, 4) batch. y[0, c, 0, 0] is the shift of the statistics
+# pass; image 0 and image 1 fall in different row tiles.
+_NONFINITE_Y = [((0, 0, 1, 2), NAN), ((0, 1, 0, 0), INF), ((1, 1, 3, 3), INF), ((0, 2, 0, 0), -INF),
+                ((0, 3, 2, 1), INF), ((1, 3, 1, 2), -INF)]
+_NONFINITE_RESIDUAL = [((1, 4, 2, 2), NAN), ((0, 5, 1, 1), INF), ((1, 5, 3, 3), -INF), ((0, 4, 0, 3), -INF)]
+
+
+@pytest.mark.parametrize("split", ["default", "one-program"])
+def test_batch_stats_nan_and_inf(split, monkeypatch):
+    """Per channel: NaN anywhere -> NaN mean; +-Inf (also as the shift y[0, c, 0, 0]) -> +-Inf mean; both
+    infinities -> NaN mean; variance NaN for all of them, as F.batch_norm's sum / count. ``one-program``
+    makes one program walk both row tiles, so the in-kernel merge meets an infinite mean."""
+    if split == "one-program":
+        monkeypatch.setattr(bn_stats, "_split_rows", lambda total_rows, channel_blocks, block_m: total_rows)
+    y = _place(_randn(2, 6, 4, 4, offset=3.0), _NONFINITE_Y + [((1, 4, 0, 0), INF)])
+    mean, var = bn_stats.batch_stats(y)
+    var64, _ = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    _assert_same_nonfinite(mean, y.double().mean(dim=(0, 2, 3)), "mean")
+    _assert_same_nonfinite(var, var64, "var")
+
+
+def test_conv_stats_nan_inf_and_huge_channels():
+    """Statistics from the conv epilogue, merged over partial rows of which some stay empty: an Inf input pixel
+    gives +-Inf means (NaN where 0 * Inf), a finite mean of 3e19 (delta**2 overflows float32) a finite
+    variance. Two groups, so the Inf reaches only output channels 0..2."""
+    x = _place(_randn(2, 4, 12, 12), [((1, 0, 5, 7), INF)])
+    weight = _place(_randn(6, 2, 1, 1, scale=0.5), [((2, 0, 0, 0), 0.0), ((5, 0, 0, 0), 0.0), ((5, 1, 0, 0), 0.0)])
+    bias = _place(_randn(6), [(5, 3e19)])
+    with torch.no_grad():
+        y, mean, var = conv.conv_stats(x, weight, bias, (1, 1), (0, 0), (1, 1), 2)
+        stock = F.conv2d(x, weight, bias, groups=2)
+    _assert_same_nonfinite(y, stock, "y")
+    var64, _ = torch.var_mean(stock.double(), dim=(0, 2, 3), correction=0)
+    _assert_same_nonfinite(mean, stock.double().mean(dim=(0, 2, 3)), "mean")
+    _assert_same_nonfinite(var[:5], var64[:5], "var")
+    assert torch.isinf(mean[:2]).all() and torch.isnan(mean[2]) and torch.isfinite(mean[3:]).all()
+    # Channel 5 is the constant 3e19: its variance is 0 up to float32 rounding of the mean (ulp 2.2e12).
+    assert torch.isfinite(var[5]) and 0.0 <= var[5].item() < (1e-5 * 3e19) ** 2, f"var of the 3e19 channel: {var[5]}"
+
+
+def _check_running_stats(ours, ref, name):
+    if DEVICE == "cpu":
+        _assert_same_nonfinite(ours, ref, name)
+    else:
+        # CUDA's F.batch_norm merges its statistics with Welford's update, whose mean is NaN where a sum's is
+        # +-Inf: only finiteness is comparable there.
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(ref)), f"{name}: {ours} vs {ref}"
+
+
+def test_bn_act_train_keeps_nan_and_inf():
+    """Training BN + residual + ReLU, forward, backward and running stats, vs the reference backend: NaN/+-Inf in y
+    (whole channel NaN, the grad still passes to the bias and the residual) and in the residual (one element)."""
+    from resnet_fast.ops import reference
+
+    y = _place(_randn(2, 6, 4, 4, offset=0.5), _NONFINITE_Y)
+    weight, bias, running_mean, running_var = _bn_params(6)
+    residual = _place(_randn(2, 6, 4, 4), _NONFINITE_RESIDUAL)
+    grad_out = _randn(2, 6, 4, 4)
+    names = ["y", "weight", "bias", "residual"]
+
+    inputs = _leaves(y, weight, bias, residual)
+    ours_stats = [running_mean.clone(), running_var.clone()]
+    out = triton_backend.bn_act_train(*inputs[:3], *ours_stats, 0.1, 1e-5, inputs[3], True)
+    got = _grads(out, inputs, grad_out)
+    ref_inputs = _leaves(y, weight, bias, residual)
+    ref_stats = [running_mean.clone(), running_var.clone()]
+    ref_out = reference.bn_act_train(*ref_inputs[:3], *ref_stats, 0.1, 1e-5, ref_inputs[3], True)
+    ref = _grads(ref_out, ref_inputs, grad_out)
+
+    _assert_same_nonfinite(out, ref_out, "out")
+    for name, g, r in zip(names, got, ref):
+        _assert_same_nonfinite(g, r, f"grad {name}")
+    _check_running_stats(ours_stats[0], ref_stats[0], "running_mean")
+    _check_running_stats(ours_stats[1], ref_stats[1], "running_var")
+
+
+@pytest.mark.parametrize("path", ["triton", "vendor"])
+def test_conv_bn_act_train_keeps_nan_and_inf(path, monkeypatch):
+    """Training conv + BN + residual + ReLU vs the reference backend: NaN and +-Inf in the weight (1x1 conv, no
+    padding taps) and in the residual; forward, every gradient and the running stats."""
+    from resnet_fast.ops import reference
+
+    monkeypatch.setenv(select.MODE_ENV, path)
+    geometry = ConvGeometry((1, 1), (0, 0), (1, 1), 1)
+    x = _randn(2, 8, 5, 5, layout="nhwc")
+    weight = _place(_randn(13, 8, 1, 1, scale=8 ** -0.5), [((1, 2, 0, 0), NAN), ((3, 0, 0, 0), INF),
+                                                           ((4, 5, 0, 0), -INF)])
+    conv_bias = _randn(13, offset=1.0)
+    bn_weight, bn_bias, running_mean, running_var = _bn_params(13)
+    residual = _place(_randn(2, 13, 5, 5, layout="nhwc"),
+                      [((0, 6, 2, 2), NAN), ((1, 7, 0, 1), INF), ((0, 8, 3, 3), -INF), ((1, 8, 1, 1), -INF)])
+    grad_out = _randn(2, 13, 5, 5)
+    names = ["x", "weight", "conv_bias", "bn_weight", "bn_bias", "residual"]
+    tensors = (x, weight, conv_bias, bn_weight, bn_bias, residual)
+
+    inputs = _leaves(*tensors)
+    ours_stats = [running_mean.clone(), running_var.clone()]
+    out = triton_backend.conv_bn_act_train(inputs[0], inputs[1], inputs[2], geometry, inputs[3], inputs[4],
+                                           *ours_stats, 0.1, 1e-5, inputs[5], True)
+    got = _grads(out, inputs, grad_out)
+    ref_inputs = _leaves(*tensors)
+    ref_stats = [running_mean.clone(), running_var.clone()]
+    y = reference.conv2d(ref_inputs[0], ref_inputs[1], ref_inputs[2], geometry)
+    ref_out = reference.bn_act_train(y, ref_inputs[3], ref_inputs[4], *ref_stats, 0.1, 1e-5, ref_inputs[5], True)
+    ref = _grads(ref_out, ref_inputs, grad_out)
+
+    _assert_same_nonfinite(out, ref_out, "out")
+    for name, g, r in zip(names, got, ref):
+        _assert_same_nonfinite(g, r, f"grad {name}")
+    _check_running_stats(ours_stats[0], ref_stats[0], "running_mean")
+    _check_running_stats(ours_stats[1], ref_stats[1], "running_var")
+
+
+_TRITON_DIR = os.path.join(os.path.dirname(resnet_fast.__file__), "ops", "triton")
+
+
+def _is_zero(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and node.value == 0
+
+
+def _nan_hazard(call: ast.Call) -> bool:
+    """``tl.maximum/minimum(x, 0)`` without ``propagate_nan=ALL``, or ``tl.where(x > 0, ...)`` / ``(0 < x, ...)``."""
+    name = ast.unparse(call.func)
+    if name in ("tl.maximum", "tl.minimum"):
+        keeps_nan = any(k.arg == "propagate_nan" and ast.unparse(k.value).endswith("PropagateNan.ALL")
+                        for k in call.keywords)
+        return any(_is_zero(arg) for arg in call.args) and not keeps_nan
+    if name == "tl.where" and call.args and isinstance(call.args[0], ast.Compare):
+        test = call.args[0]
+        op, right = test.ops[0], test.comparators[0]
+        return (isinstance(op, (ast.Gt, ast.GtE)) and _is_zero(right)) or (
+            isinstance(op, (ast.Lt, ast.LtE)) and _is_zero(test.left))
+    return False
+
+
+def test_kernels_have_no_nan_dropping_relu():
+    """Source guard: the interpreter need not show how a GPU lowers tl.maximum, so no kernel may hold a bare
+    ``tl.maximum(x, 0.0)`` or ``tl.where(x > 0, g, 0)``, and every ``ACTIVATION == "relu"`` branch applies
+    bn_act's relu_keep_nan / relu_grad (the one definition of torch.relu's NaN semantics)."""
+    helpers = {"relu_keep_nan", "relu_grad"}
+    for name in sorted(os.listdir(_TRITON_DIR)):
+        if not name.endswith(".py"):
+            continue
+        path = f"resnet_fast/ops/triton/{name}"
+        with open(os.path.join(_TRITON_DIR, name)) as source:
+            tree = ast.parse(source.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and _nan_hazard(node):
+                raise AssertionError(
+                    f"{path}:{node.lineno}: {ast.unparse(node)} drops NaN: tl.maximum(x, 0) is a maxnum (0 for a NaN "
+                    "x on the GPU, whatever the interpreter shows) and tl.where(x > 0, g, 0) drops the grad where "
+                    "x is NaN; use bn_act.relu_keep_nan(x) / bn_act.relu_grad(g, out) (torch.relu semantics)")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "ACTIVATION == 'relu'":
+                called = {ast.unparse(n.func).split(".")[-1] for b in node.body for n in ast.walk(b)
+                          if isinstance(n, ast.Call)}
+                assert called & helpers, (
+                    f"{path}:{node.lineno}: this relu branch applies neither relu_keep_nan nor relu_grad, the one "
+                    f"NaN-keeping definition of torch.relu and its backward (it calls {sorted(called)})")
 
 
 # --------------------------------------------------------------------------- whole model

@@ -3,8 +3,13 @@
 Forward: ``out = act((y - mean) * invstd * weight + bias + residual)`` in one pass;
 it keeps ``out`` for the backward (the ReLU mask is ``out > 0``, as for ``torch.relu``).
 
-Backward, with ``g = grad_out * (out > 0)`` and per channel ``sum_g = sum(g)``,
-``sum_gc = sum(g * (y - mean))`` over the ``count = N*H*W`` values:
+NaN and Inf propagate as in ``torch.relu`` and its backward (``threshold_backward``):
+``relu(NaN) = NaN`` and the grad passes where ``out`` is NaN. Every kernel (the conv's
+epilogue too) applies the two helpers below, :func:`relu_keep_nan` and :func:`relu_grad`,
+never ``tl.maximum`` (tests/test_triton.py guards the sources).
+
+Backward, with ``g = threshold_backward(grad_out, out, 0)`` (0 where ``out <= 0``) and per
+channel ``sum_g = sum(g)``, ``sum_gc = sum(g * (y - mean))`` over the ``count = N*H*W`` values:
 
     grad_bias     = sum_g
     grad_weight   = sum_gc * invstd
@@ -50,6 +55,22 @@ def bn_act_reference(
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+@triton.jit
+def relu_keep_nan(x):
+    """``torch.relu``: 0 where ``x < 0``, else ``x``; NaN stays NaN (and -0.0 stays -0.0).
+
+    An explicit compare + select, whose lowering is the same everywhere: ``tl.maximum(x, 0.0)``
+    (``propagate_nan=NONE``) is a maxnum, which returns 0 for NaN on the GPU."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def relu_grad(grad, out):
+    """ReLU backward as ``threshold_backward(grad, out, 0)``: 0 where ``out <= 0``, else ``grad``,
+    so the grad passes where ``out`` is NaN (``tl.where(out > 0, grad, 0)`` would drop it)."""
+    return tl.where(out <= 0.0, 0.0, grad)
 
 
 @triton.jit
@@ -115,7 +136,7 @@ def bn_act_forward_kernel(
             mask=mask, other=0.0)
         out += residual.to(tl.float32)
     if ACTIVATION == "relu":
-        out = tl.maximum(out, 0.0)
+        out = relu_keep_nan(out)
     if ROUND_BF16:
         out = round_to_bf16_grid(out)
     tl.store(out_ptr + image[:, None] * stride_on + pixel[:, None] * stride_op + offs_c[None, :] * stride_oc,
@@ -169,7 +190,7 @@ def bn_act_backward_reduce_kernel(
         if ACTIVATION == "relu":
             out = tl.load(out_ptr + image[:, None] * stride_on + pixel[:, None] * stride_op
                           + offs_c[None, :] * stride_oc, mask=mask, other=0.0)
-            g = tl.where(out > 0, g, 0.0)
+            g = relu_grad(g, out)
         y = tl.load(y_ptr + image[:, None] * stride_yn + pixel[:, None] * stride_yp + offs_c[None, :] * stride_yc,
                     mask=mask, other=0.0).to(tl.float32)
         centered = tl.where(mask, y - mean[None, :], 0.0)
@@ -239,7 +260,7 @@ def bn_act_backward_kernel(
     if ACTIVATION == "relu":
         out = tl.load(out_ptr + image[:, None] * stride_on + pixel[:, None] * stride_op + offs_c[None, :] * stride_oc,
                       mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = relu_grad(g, out)
     y = tl.load(y_ptr + image[:, None] * stride_yn + pixel[:, None] * stride_yp + offs_c[None, :] * stride_yc,
                 mask=mask, other=0.0).to(tl.float32)
     centered = y - mean[None, :]

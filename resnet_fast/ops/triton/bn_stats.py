@@ -14,6 +14,13 @@ before summing (the shifted-data algorithm): with a mean far from zero the
 partial sums then stay small and lose no digits. The conv epilogue cannot see
 another program's first value, so its partials are unshifted.
 
+NaN and Inf come out as a plain ``sum / count`` would give them (``F.batch_norm``'s
+CPU statistics): the mean is NaN for a channel holding NaN or both infinities, else
++-Inf for one holding an infinity; the variance is NaN for either. Two helpers keep
+it so wherever the values sit: :func:`finite_or_zero` (a non-finite first value is no
+shift) and :func:`chan_merge` (Chan's ``mean + delta * n_b / n`` turns ``Inf - Inf``
+into NaN, and ``delta**2 * 0`` into NaN when ``delta**2`` overflows).
+
 Reference -> kernels -> host functions -> op -> public function.
 """
 
@@ -33,6 +40,34 @@ def batch_stats_reference(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0)
     return mean, var
+
+
+#: Largest finite float32: ``|x| <= FLOAT32_MAX`` is false exactly for NaN and +-Inf.
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def finite_or_zero(x):
+    """``x`` where finite, else 0 (for the shift: ``y - Inf`` would be NaN for every finite ``y``)."""
+    return tl.where(tl.abs(x) <= FLOAT32_MAX, x, 0.0)
+
+
+@triton.jit
+def chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2):
+    """Chan et al.'s merge of ``(count, mean, M2)`` with a tile's; either count may be 0.
+
+    Finite means merge as ``mean + delta * n_b / n`` (accurate where the means are close).
+    A NaN or infinite mean merges as a sum would (``Inf + finite = Inf``, ``Inf + -Inf = NaN``):
+    the delta form would give ``Inf - Inf = NaN`` for two infinities of one sign, or an Inf mean
+    followed by a finite tile. The cross term is skipped when a side is empty, so a finite but huge
+    ``delta`` (``delta**2`` overflows) is not multiplied by 0 into NaN."""
+    merged = count + tile_count
+    delta = tile_mean - mean
+    finite = (tl.abs(mean) <= FLOAT32_MAX) & (tl.abs(tile_mean) <= FLOAT32_MAX)
+    mean = tl.where(finite, mean + delta * (tile_count / tl.maximum(merged, 1.0)), mean + tile_mean)
+    weight = count * tile_count / tl.maximum(merged, 1.0)
+    m2 = m2 + tile_m2 + tl.where(weight == 0.0, 0.0, delta * delta * weight)
+    return merged, mean, m2
 
 
 @triton.jit
@@ -58,7 +93,7 @@ def partial_stats_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < channels
     total_rows = batch * pixels
-    shift = tl.load(y_ptr + offs_c * stride_yc, mask=mask_c, other=0.0).to(tl.float32)
+    shift = finite_or_zero(tl.load(y_ptr + offs_c * stride_yc, mask=mask_c, other=0.0).to(tl.float32))
     row_start = pid_split * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, total_rows)
 
@@ -77,12 +112,7 @@ def partial_stats_kernel(
         tile_mean = tl.sum(tile, axis=0) / tile_count
         deviation = tl.where(valid, tile - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(deviation * deviation, axis=0)
-        # Chan's merge of (count, mean, m2) with the tile's.
-        merged = count + tile_count
-        delta = tile_mean - mean
-        mean = mean + delta * (tile_count / merged)
-        m2 = m2 + tile_m2 + delta * delta * (count * tile_count / merged)
-        count = merged
+        count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
 
     tl.store(sum_ptr + pid_split * stride_sm + offs_c, mean * count, mask=mask_c)
     tl.store(m2_ptr + pid_split * stride_sm + offs_c, m2, mask=mask_c)
@@ -129,14 +159,11 @@ def finalize_stats_kernel(
         row_means = row_sums / tl.maximum(row_counts, 1.0)[:, None]
         spread = tl.where(valid, row_means - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(row_m2s, axis=0) + tl.sum(row_counts[:, None] * spread * spread, axis=0)
-        merged = count + tile_count
-        delta = tile_mean - mean
-        mean = mean + delta * (tile_count / tl.maximum(merged, 1.0))
-        m2 = m2 + tile_m2 + delta * delta * (count * tile_count / tl.maximum(merged, 1.0))
-        count = merged
+        count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
 
     if HAS_SHIFT:
-        mean += tl.load(shift_ptr + offs_c * stride_shift, mask=mask_c, other=0.0).to(tl.float32)
+        # The same shift the partial kernel subtracted (0 where y's first value is not finite).
+        mean += finite_or_zero(tl.load(shift_ptr + offs_c * stride_shift, mask=mask_c, other=0.0).to(tl.float32))
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(var_ptr + offs_c, m2 / tl.maximum(count, 1.0), mask=mask_c)
 

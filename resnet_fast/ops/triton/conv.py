@@ -26,6 +26,7 @@ import triton.language as tl
 
 from resnet_fast.ops.triton import _common
 from resnet_fast.ops.triton._rounding import round_to_bf16_grid
+from resnet_fast.ops.triton.bn_act import relu_keep_nan
 from resnet_fast.ops.triton.bn_stats import PartialStats, finalize_stats
 
 
@@ -199,7 +200,7 @@ def conv2d_nhwc_kernel(
             mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         acc += residual.to(tl.float32)
     if ACTIVATION == "relu":
-        acc = tl.maximum(acc, 0.0)
+        acc = relu_keep_nan(acc)
     if ROUND_BF16:
         acc = round_to_bf16_grid(acc)
     out_pointers = (out_ptr + image[:, None] * stride_on + out_row[:, None] * stride_oh
