@@ -334,3 +334,32 @@ def test_version_check_setting_trusts_version_counters(edit, resnet18_pair, monk
     with pytest.raises(ValueError, match="RESNET_FAST_WEIGHT_CHECK"):
         with torch.inference_mode():
             fast(x)
+
+
+# ----------------------------------------------------------------------------------------- CUDA (gpu_check.sh)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["reference", "extension", "triton"])
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad", "grad", "autocast_fp16", "autocast_bf16"])
+def test_cuda_eval_matches_torchvision_in_every_context(context, backend, resnet18_pair):
+    if not backends.is_available(backend, "cuda"):
+        pytest.skip(backends.unavailable_reason(backend, "cuda"))
+    tv, tv64 = resnet18_pair
+    tv = copy.deepcopy(tv).cuda()
+    fast = resnet_fast.FastResNet.from_torchvision(tv).eval().set_backend(backend)
+    x = image_batch(layout="channels_last").cuda()
+
+    def run(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if context.startswith("autocast"):
+            dtype = torch.float16 if context == "autocast_fp16" else torch.bfloat16
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                return model(x), None
+        return run_in_context(model, x, context)
+
+    (out, grad), (stock, stock_grad) = run(fast), run(tv)
+    ref64, ref64_grad = run_in_context(tv64, x.double().cpu(), "grad" if context == "grad" else "no_grad")
+    assert out.dtype == stock.dtype, f"output dtype {out.dtype}, torchvision gives {stock.dtype}"
+    assert_tolerance(out.float().cpu(), ref64, stock.float().cpu(), f"cuda {context}/{backend} logits")
+    if grad is not None:
+        assert_tolerance(grad.cpu(), ref64_grad, stock_grad.cpu(), f"cuda {context}/{backend} input gradient")
