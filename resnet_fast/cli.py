@@ -46,6 +46,7 @@ def info_report() -> dict:
         "cpu_conv3x3": None,
         "cpu_activation_pool": None,
         "cpu_blocked_stages": None,
+        "weight_check": None,
     }
     try:
         import triton
@@ -54,6 +55,9 @@ def info_report() -> dict:
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         pass
     report["requested_backend"] = _setting(backends.requested_backend)
+    from resnet_fast.nn import fused
+
+    report["weight_check"] = _setting(fused.weight_check)
     if report["extension"]["loaded"]:
         from resnet_fast.ops import activation_pool, blocked, extension
 
@@ -101,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
               f"({blocked_variable}={setting})")
     else:
         print(f"extension resnet_fast._C: not loaded: {ext['error']}")
+    from resnet_fast.nn.fused import WEIGHT_CHECK_ENV
+
+    print(f"folded-weight cache sees edits by: {report['weight_check']} "
+          f"({WEIGHT_CHECK_ENV}={os.environ.get(WEIGHT_CHECK_ENV, 'content')})")
     print(f"requested backend: {report['requested_backend']} (argument > use_backend() > RESNET_FAST_BACKEND > auto)")
     print(f"{'backend':<10} {'device':<6} {'available':<9} note")
     for row in report["backends"]:

@@ -84,8 +84,9 @@ def check_unit_modules(conv: nn.Module, bn: nn.Module) -> None:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"fused units support zero padding given as ints, got padding={conv.padding!r}, "
                          f"padding_mode={conv.padding_mode!r}")
-    if conv.out_channels != bn.num_features:
-        raise ValueError(f"conv has {conv.out_channels} output channels but BatchNorm has {bn.num_features} features")
+    features = bn.running_mean.numel() if getattr(bn, "num_features", None) is None else bn.num_features
+    if conv.out_channels != features:
+        raise ValueError(f"conv has {conv.out_channels} output channels but the norm layer has {features} features")
 
 
 def geometry_of(conv: nn.Conv2d) -> ConvGeometry:
