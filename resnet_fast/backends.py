@@ -100,7 +100,13 @@ def auto_backend(device: Union[str, torch.device, None]) -> str:
 
 
 def resolve(backend: Optional[str], device: Union[str, torch.device, None]) -> str:
-    """The concrete backend to run on ``device``; raises if an explicit request cannot run there."""
+    """The concrete backend to run on ``device``; raises if an explicit request cannot run there.
+
+    While ``torch.export`` traces, always ``reference``: an exported program (ONNX, AOTInductor,
+    another machine) must run where resnet_fast's ops are not installed.
+    """
+    if _exporting():
+        return "reference"
     name = requested_backend(backend)
     if name == "auto":
         return auto_backend(device)
@@ -108,6 +114,11 @@ def resolve(backend: Optional[str], device: Union[str, torch.device, None]) -> s
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available on {_device_type(device)}: {reason}")
     return name
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting and is_exporting())
 
 
 @contextlib.contextmanager
