@@ -10,7 +10,6 @@ propagation, and weights edited in every way a user can edit them.
 from __future__ import annotations
 
 import copy
-import itertools
 import threading
 
 import pytest
@@ -48,7 +47,7 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
-def image_batch(batch: int = 2, size: int = 48, layout: str = "nchw") -> torch.Tensor:
+def image_batch(batch: int = 2, size: int = 32, layout: str = "nchw") -> torch.Tensor:
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
     return x.contiguous(memory_format=LAYOUTS[layout])
 
@@ -88,13 +87,18 @@ def check_against_torchvision(fast: nn.Module, tv: nn.Module, tv64: nn.Module, x
         assert_tolerance(grad, ref64_grad, stock_grad, f"{what} input gradient")
 
 
-@pytest.mark.parametrize("cpu_path", list(CPU_PATHS))
+def backend_cases(forced_paths: list[str]) -> list:
+    """(backend, path) pairs: every backend on its default path, the extension also on each forced one."""
+    cases = [pytest.param(backend, "auto", id=f"{backend}-auto") for backend in CPU_BACKENDS]
+    if "extension" in CPU_BACKENDS:
+        cases += [pytest.param("extension", path, id=f"extension-{path}") for path in forced_paths]
+    return cases
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend, cpu_path", backend_cases([p for p in CPU_PATHS if p != "auto"]))
 @pytest.mark.parametrize("context", CONTEXTS)
-def test_eval_matches_torchvision_in_every_context(context, backend, layout, cpu_path, resnet18_pair, monkeypatch):
-    if cpu_path != "auto" and backend != "extension":
-        pytest.skip("the forced CPU paths are the extension backend's")
+def test_eval_matches_torchvision_in_every_context(context, backend, cpu_path, layout, resnet18_pair, monkeypatch):
     for name, value in CPU_PATHS[cpu_path].items():
         monkeypatch.setenv(name, value)
     tv, tv64 = resnet18_pair
@@ -108,30 +112,48 @@ def test_contexts_in_every_order_share_one_model(backend, resnet18_pair):
     """Caches built under one context (inference tensors under inference_mode, say) serve every later one."""
     tv, tv64 = resnet18_pair
     x = image_batch()
-    for order in itertools.permutations(("inference_mode", "no_grad", "grad")):
+    contexts = ("inference_mode", "no_grad", "grad")
+    expected = {context: (run_in_context(tv, x, context),
+                          run_in_context(tv64, x.double(), "grad" if context == "grad" else "no_grad"))
+                for context in contexts}
+    # Each rotation, run twice over, holds every ordered pair of contexts: all transitions are covered.
+    for order in (contexts[i:] + contexts[:i] for i in range(len(contexts))):
         fast = resnet_fast.FastResNet.from_torchvision(tv).eval().set_backend(backend)
         for context in order + order:
-            check_against_torchvision(fast, tv, tv64, x, context, f"{backend}: {' -> '.join(order)}, now {context}")
+            what = f"{backend}: {' -> '.join(order)}, now {context}"
+            (stock, stock_grad), (ref64, ref64_grad) = expected[context]
+            out, grad = run_in_context(fast, x, context)
+            assert_tolerance(out, ref64, stock, f"{what} logits")
+            if context == "grad":
+                assert_tolerance(grad, ref64_grad, stock_grad, f"{what} input gradient")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend, cpu_conv", backend_cases(["onednn", "gemm"]))
 @pytest.mark.parametrize("context", ("inference_mode", "no_grad", "grad"))
-def test_train_mode_matches_torchvision_in_every_context(context, backend, resnet18_pair):
-    """Train-mode forward (batch statistics, running-stat update) under each context, as torchvision."""
+def test_train_mode_matches_torchvision_in_every_context(context, backend, cpu_conv, layout, resnet18_pair,
+                                                         monkeypatch):
+    """Train-mode forward (batch statistics, running-stat update) under each context, as torchvision;
+    the extension's training convolution forced to each of its algorithms too."""
+    if cpu_conv != "auto":
+        monkeypatch.setenv("RESNET_FAST_CPU_CONV", cpu_conv)
     tv, _ = resnet18_pair
     tv = copy.deepcopy(tv).train()
     tv64 = copy.deepcopy(tv).double()
     fast = resnet_fast.FastResNet.from_torchvision(tv).set_backend(backend)
-    x = image_batch(batch=3)
-    out, _ = run_in_context(fast, x, context)
-    stock, _ = run_in_context(tv, x, context)
-    ref64, _ = run_in_context(tv64, x.double(), "no_grad")
-    assert_tolerance(out, ref64, stock, f"train/{context}/{backend} logits")
+    x = image_batch(batch=3, layout=layout)
+    what = f"train/{context}/{backend}/{layout}/{cpu_conv}"
+    out, grad = run_in_context(fast, x, context)
+    stock, stock_grad = run_in_context(tv, x, context)
+    ref64, ref64_grad = run_in_context(tv64, x.double(), "grad" if context == "grad" else "no_grad")
+    assert_tolerance(out, ref64, stock, f"{what} logits")
+    if context == "grad":
+        assert_tolerance(grad, ref64_grad, stock_grad, f"{what} input gradient")
     for (name, mine), theirs, theirs64 in zip(fast.named_buffers(), tv.buffers(), tv64.buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(mine, theirs), f"{name}: {mine} != torchvision's {theirs}"
         else:
-            assert_tolerance(mine, theirs64, theirs, f"train/{context}/{backend} {name}")
+            assert_tolerance(mine, theirs64, theirs, f"{what} {name}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -179,16 +201,8 @@ def test_threads_share_one_model(resnet18_pair):
 # ----------------------------------------------------------------------------------------- NaN and Inf
 
 
-def nan_pattern_cases() -> list:
-    cases = [pytest.param(backend, "auto", layout, id=f"{backend}-auto-{layout}")
-             for backend in CPU_BACKENDS for layout in LAYOUTS]
-    if "extension" in CPU_BACKENDS:
-        cases += [pytest.param("extension", path, "channels_last", id=f"extension-{path}")
-                  for path in CPU_PATHS if path != "auto"]
-    return cases
-
-
-@pytest.mark.parametrize("backend, cpu_path, layout", nan_pattern_cases())
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("backend, cpu_path", backend_cases([p for p in CPU_PATHS if p != "auto"]))
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_nan_and_inf_propagate_like_torchvision(poison, backend, cpu_path, layout, resnet18_pair, monkeypatch):
     for name, value in CPU_PATHS[cpu_path].items():
