@@ -19,6 +19,7 @@ from torch import nn
 
 import resnet_fast
 from resnet_fast import backends
+from tests.fixtures import assert_buffers_match, randomize_bn
 from tests.numerics import assert_tolerance
 
 CPU_BACKENDS = [name for name in ("reference", "extension") if backends.is_available(name, "cpu")]
@@ -32,19 +33,6 @@ CPU_PATHS = {
     "onednn-blocked": {"RESNET_FAST_CPU_CONV3X3": "onednn", "RESNET_FAST_CPU_BLOCKED": "1"},
 }
 CONTEXTS = ("inference_mode", "no_grad", "grad", "autocast_bf16")
-
-
-def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Non-trivial affine parameters and running statistics, so a wrong fold cannot hide."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-    return model
 
 
 def image_batch(batch: int = 2, size: int = 32, layout: str = "nchw") -> torch.Tensor:
@@ -150,11 +138,7 @@ def test_train_mode_matches_torchvision_in_every_context(context, backend, cpu_c
     assert_tolerance(out, ref64, stock, f"{what} logits")
     if context == "grad":
         assert_tolerance(grad, ref64_grad, stock_grad, f"{what} input gradient")
-    for (name, mine), theirs, theirs64 in zip(fast.named_buffers(), tv.buffers(), tv64.buffers()):
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(mine, theirs), f"{name}: {mine} != torchvision's {theirs}"
-        else:
-            assert_tolerance(mine, theirs64, theirs, f"{what} {name}")
+    assert_buffers_match(fast, tv, tv64, what)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

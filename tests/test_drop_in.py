@@ -15,27 +15,15 @@ from torchvision.ops import FrozenBatchNorm2d
 import resnet_fast
 from resnet_fast import backends
 from tests.numerics import assert_tolerance, errors
-from tests.test_contexts import image_batch, randomize_bn
+from tests.fixtures import assert_buffers_match, randomize_bn
+from tests.test_contexts import image_batch
 
 CPU_BACKENDS = [name for name in ("reference", "extension") if backends.is_available(name, "cpu")]
 
 
-def randomize_frozen(model: nn.Module, seed: int = 3) -> nn.Module:
-    """FrozenBatchNorm2d holds its affine parameters and statistics as buffers: make them non-trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            n = m.weight.numel()
-            m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model
-
-
 def frozen_pair(arch: str = "resnet18") -> tuple[nn.Module, resnet_fast.FastResNet]:
     torch.manual_seed(0)
-    tv = randomize_frozen(getattr(torchvision.models, arch)(num_classes=10, norm_layer=FrozenBatchNorm2d))
+    tv = randomize_bn(getattr(torchvision.models, arch)(num_classes=10, norm_layer=FrozenBatchNorm2d))
     fast = getattr(resnet_fast, arch)(num_classes=10, norm_layer=FrozenBatchNorm2d)
     fast.load_state_dict(tv.state_dict(), strict=True)
     return tv, fast
@@ -128,7 +116,7 @@ def test_faster_rcnn_backbone_from_fastresnet():
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
     torch.manual_seed(0)
-    tv_trunk = randomize_frozen(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d))
+    tv_trunk = randomize_bn(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d))
     fast_trunk = resnet_fast.resnet50(norm_layer=FrozenBatchNorm2d)
     fast_trunk.load_state_dict(tv_trunk.state_dict(), strict=True)
     detectors = []
@@ -209,11 +197,7 @@ def test_jit_trace_matches_torchvision(mode, pair18):
         stock, ref64 = tv(second), tv64(second.double())
         out = traced(second)
     assert_tolerance(out, ref64, stock, f"jit.trace {mode} logits")
-    for (name, mine), theirs, theirs64 in zip(fast.named_buffers(), tv.buffers(), tv64.buffers()):
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(mine, theirs), f"{name}: {mine} != torchvision's {theirs}"
-        else:
-            assert_tolerance(mine, theirs64, theirs, f"jit.trace {mode} {name}")
+    assert_buffers_match(fast, tv, tv64, f"jit.trace {mode}")
 
 
 def test_jit_script_compiles_torchvisions_forward(pair18):

@@ -13,6 +13,7 @@ from torch import nn
 import resnet_fast
 from resnet_fast import backends
 from resnet_fast.models.resnet import ARCHITECTURES
+from tests.fixtures import randomize_bn
 from tests.numerics import assert_tolerance
 
 CPU_BACKENDS = [name for name in ("reference", "extension") if backends.is_available(name, "cpu")]
@@ -20,20 +21,9 @@ ARCHS = ["resnet18", "resnet50", "resnext50_32x4d"]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _randomize_bn(model: nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial affine params and running stats, so a wrong fold cannot hide behind gamma=1, mean=0."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-
-
 def _pair(arch: str, num_classes: int = 10) -> tuple[nn.Module, resnet_fast.FastResNet]:
     tv = getattr(torchvision.models, arch)(num_classes=num_classes)
-    _randomize_bn(tv, torch.Generator().manual_seed(1))
+    randomize_bn(tv, seed=1)
     return tv, resnet_fast.FastResNet.from_torchvision(tv)
 
 

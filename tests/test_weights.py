@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 
 import resnet_fast
+from tests.fixtures import randomize_bn
 from tests.numerics import assert_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +35,7 @@ def _random_torchvision(arch: str, num_classes: int, seed: int) -> nn.Module:
     """torchvision's ``arch`` with seeded random init and non-trivial BN, so a checkpoint is unlike a fresh init."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, arch)(num_classes=num_classes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    randomize_bn(model, seed)
     return model
 
 
