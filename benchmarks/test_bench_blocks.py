@@ -5,8 +5,8 @@ eager) and ``fused-<backend>`` (:class:`resnet_fast.ConvBNAct` with ``backend=``
 for every backend available on the device; for CPU eval also ``fused-extension-blocked``,
 the unit as FastResNet runs it inside its residual stages (``resnet_fast.ops.blocked``:
 input, residual and output in 8-channel blocks, converted outside the timed call).
-Eval runs under ``no_grad``; train runs forward + backward (input, residual and
-parameter gradients).
+Eval runs under ``torch.inference_mode()`` (as users run inference), every provider alike; train
+runs forward + backward (input, residual and parameter gradients).
 
 CPU: batch 4, fp32, channels_last. GPU: batch 128, bf16, channels_last.
 """
@@ -176,7 +176,7 @@ def _run_block(benchmark, shape: UnitShape, provider: str, train: bool) -> None:
         run = step
     else:
         def infer() -> Tensor:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return unit(x, residual)
         run = infer
     benchmark.group = f"block-{'train' if train else 'eval'}:{shape.label}"

@@ -1,16 +1,17 @@
 """Model-level benchmarks: whole ResNets, images/s, every provider side by side.
 
 Groups (one per workload): ``model-eval:resnet50 b8 224 float32``, ``model-train:resnet18 b16 64 float32``.
-Providers in each group:
+Eval runs under ``torch.inference_mode()`` for every PyTorch provider (``bench.eager_eval_runner``), as
+users run inference; the training step runs with autograd. Providers in each group:
 
 * ``stock-nchw`` / ``stock-channels-last``: torchvision eager.
 * ``fast-<backend>``: ``FastResNet.from_torchvision(model, backend=...)`` in its best layout (channels_last).
-* ``peer-compile``: ``torch.compile`` (inductor) with ``freezing`` under ``no_grad``; only for the
+* ``peer-compile``: ``torch.compile`` (inductor) with ``freezing`` under ``inference_mode``; only for the
   headline workload (ResNet-50 eval, batch 8 on CPU, 256 on GPU) unless ``RESNET_FAST_BENCH_ALL_PEERS=1``:
   one compilation takes ~40 s on 2 CPU cores.
 * ``peer-jit``: ``torch.jit.freeze`` + ``optimize_for_inference``.
-* ``peer-onnxruntime`` / ``peer-openvino``: on the exported ONNX model, CPU, fp32, torch's thread count
-  (when the optional ``peers`` extra is installed).
+* ``peer-onnxruntime`` / ``peer-openvino``: on the exported ONNX model (exported under ``no_grad``, an untimed
+  build step), CPU, fp32, torch's thread count (when the optional ``peers`` extra is installed).
 
 CPU: fp32, batch 1 and 8 at 224x224; training step of ResNet-18 at batch 16, 64x64.
 GPU: bf16 channels_last, batch 1, 64 and 256 at 224x224; training step of ResNet-18 at batch 256.

@@ -3,7 +3,10 @@
 The default job builds torchvision's ResNet-50 (random init, seeded), a
 FastResNet with the same weights, checks that both give the same outputs, builds
 every provider, then times them on one batch in interleaved rounds (one call of
-each per round, so load changes touch all alike) and prints a table of medians::
+each per round, so load changes touch all alike) and prints a table of medians.
+Inference of every PyTorch provider (torchvision eager, FastResNet, torch.compile,
+TorchScript) runs under ``torch.inference_mode()``, as users run it; training steps
+run with autograd::
 
     provider                      ms/batch  images/s  vs eager  first output  max err
     torchvision eager (NCHW)         ...
@@ -116,7 +119,7 @@ def image_flops(model_name: str, image_size: int) -> float:
             total += 2.0 * module.weight.numel()
 
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
+    with torch.inference_mode():
         model(torch.empty(1, 3, image_size, image_size, device="meta"))
     for handle in handles:
         handle.remove()
@@ -174,9 +177,14 @@ def record_throughput(benchmark: Any, device: torch.device, images: Optional[int
 
 
 def eager_eval_runner(model: nn.Module, images: Tensor) -> Runner:
-    """Inference under ``no_grad`` with the model and input as given."""
+    """Inference under ``torch.inference_mode()`` (what users run) with the model and input as given.
+
+    Every inference provider that runs in PyTorch times its calls through this runner (eager torchvision,
+    FastResNet, torch.compile, TorchScript), so their ratios compare like with like. The output is an
+    inference tensor: read it (errors, copies), don't feed it to autograd.
+    """
     def run() -> Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             return model(images)
     return run
 
@@ -210,7 +218,8 @@ def fast_model(model: nn.Module, backend: Optional[str], memory_format: torch.me
 def compiled_runner(model: nn.Module, images: Tensor, train: bool = False,
                     targets: Optional[Tensor] = None) -> Runner:
     """``torch.compile`` (inductor). Inference compiles with ``freezing`` (weights as constants, conv weights
-    pre-packed, BN folded) under ``no_grad``; training compiles the model and runs :func:`train_step_runner`.
+    pre-packed, BN folded) under ``torch.inference_mode()``; training compiles the model and runs
+    :func:`train_step_runner`.
 
     The first call compiles, so it is made here, inside the config patch (freezing is read at compile time).
     """
@@ -232,6 +241,8 @@ def compiled_runner(model: nn.Module, images: Tensor, train: bool = False,
         return run
     model.eval()
     compiled = torch.compile(model)
+    # Compiled (first call) and timed under inference_mode, like every other provider: in torch 2.14 freezing
+    # applies there as under no_grad (the same BN folding and oneDNN weight packing, by inductor's counters).
     with inductor_config.patch(freezing=True):
         run = eager_eval_runner(compiled, images)
         run()
@@ -239,7 +250,8 @@ def compiled_runner(model: nn.Module, images: Tensor, train: bool = False,
 
 
 def jit_runner(model: nn.Module, images: Tensor) -> Runner:
-    """``torch.jit.freeze(torch.jit.script(model))`` + ``torch.jit.optimize_for_inference`` (CPU: oneDNN fusion)."""
+    """``torch.jit.freeze(torch.jit.script(model))`` + ``torch.jit.optimize_for_inference`` (CPU: oneDNN fusion),
+    timed under ``torch.inference_mode()`` (the frozen module runs there; scripting/tracing is built outside it)."""
     import warnings
 
     model.eval()
@@ -248,7 +260,7 @@ def jit_runner(model: nn.Module, images: Tensor) -> Runner:
         try:
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - scripting is not supported for every model; tracing is the fallback
-            with torch.no_grad():
+            with torch.no_grad():  # a build step, not timed
                 scripted = torch.jit.trace(model, images)
         frozen = torch.jit.optimize_for_inference(torch.jit.freeze(scripted.eval()))
     run = eager_eval_runner(frozen, images)
@@ -263,6 +275,9 @@ def _export_onnx(model: nn.Module, images: Tensor, path: str) -> None:
     if importlib.util.find_spec("onnx") is None:
         raise PeerUnavailable("onnx is not installed (pip install 'resnet-fast[peers]')")
     model.eval()
+    # Kept under no_grad: the export is an untimed build step (both exporters also run under inference_mode in
+    # torch 2.14, but nothing is gained by it), and the ONNX Runtime / OpenVINO runners then run outside torch,
+    # so torch's grad mode cannot touch their timings.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:  # the TorchScript-based exporter is quick and needs no onnxscript
@@ -755,7 +770,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--mode", choices=("eval", "train"), default="eval",
-                        help="eval: inference on one batch; train: forward + backward + SGD step (default: eval)")
+                        help="eval: inference on one batch under torch.inference_mode(); "
+                             "train: forward + backward + SGD step (default: eval)")
     parser.add_argument("--backend", default="auto",
                         help="FastResNet backend: auto | all (every available one) | reference | extension | triton")
     parser.add_argument("--peers", default="default",
@@ -887,11 +903,13 @@ def run(args: argparse.Namespace) -> int:
     base_model = make_torchvision_model(config.model, config.seed, config.device, config.dtype)
     images, targets = make_inputs(config)
 
-    # The headline check: FastResNet (auto backend) against torchvision eager, same weights, same batch.
-    with torch.no_grad():
-        mode_model = copy.deepcopy(base_model).train(config.mode == "train")
+    # The headline check: FastResNet (auto backend) against torchvision eager, same weights, same batch. Models are
+    # built outside any inference context, as users build them; eval forwards run under inference_mode, as timed,
+    # train-mode forwards (batch statistics; running stats updated on the copies) under no_grad.
+    mode_model = copy.deepcopy(base_model).train(config.mode == "train")
+    fast = fast_model(copy.deepcopy(base_model).train(config.mode == "train"), None, config.fast_memory_format)
+    with torch.inference_mode() if config.mode == "eval" else torch.no_grad():
         reference = mode_model(images)
-        fast = fast_model(copy.deepcopy(base_model).train(config.mode == "train"), None, config.fast_memory_format)
         fast_output = fast(images.contiguous(memory_format=config.fast_memory_format))
     fast_errors = output_errors(fast_output, reference)
     del mode_model, fast, fast_output, reference

@@ -1,15 +1,19 @@
-"""`resnet-fast bench` and `benchmarks/gpu_check.sh --dry-run`, on tiny CPU workloads."""
+"""`resnet-fast bench` and `benchmarks/gpu_check.sh --dry-run`, on tiny CPU workloads; inference of `bench`,
+`eval` and the training loop's validation under `torch.inference_mode()`."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -159,3 +163,95 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert any(group.startswith("block-eval:layer4.1.conv2") for group in summary["benchmarks"])
     assert any(group.startswith("model-train:resnet18") for group in summary["benchmarks"])
     assert summaries[0].with_suffix(".md").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inference runs under torch.inference_mode() (what users run), training with autograd: a global forward hook records,
+# for every call of a whole model (torchvision ResNet or FastResNet), the grad mode it ran in.
+
+MODEL_CLASSES = ("ResNet", "FastResNet")
+
+
+@contextlib.contextmanager
+def model_forward_modes() -> Iterator[list[dict[str, Any]]]:
+    calls: list[dict[str, Any]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        if type(module).__name__ in MODEL_CLASSES:
+            calls.append({"model": type(module).__name__, "training": module.training,
+                          "inference_mode": torch.is_inference_mode_enabled(), "grad": torch.is_grad_enabled()})
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)  # copies and converted models too
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_bench_eval_times_every_forward_under_inference_mode(capsys: pytest.CaptureFixture) -> None:
+    """`resnet-fast bench` (eval): the accuracy check, first call, warm-up and timed rounds, of every provider."""
+    with model_forward_modes() as calls:
+        assert bench.run(_parse([*TINY, "--warmup", "1"])) == 0
+    assert "FastResNet" in capsys.readouterr().out
+    counts = {name: sum(call["model"] == name for call in calls) for name in MODEL_CLASSES}
+    # Per provider (two torchvision, one FastResNet): first call + 1 warm-up + 1 timed round; plus one forward of
+    # each in the accuracy check.
+    assert counts == {"ResNet": 2 * 3 + 1, "FastResNet": 3 + 1}, calls
+    outside = [call for call in calls if not call["inference_mode"] or call["training"]]
+    assert not outside, f"bench eval forwards outside torch.inference_mode(): {outside}"
+
+
+@pytest.mark.slow
+def test_bench_train_times_steps_with_autograd(capsys: pytest.CaptureFixture) -> None:
+    """`resnet-fast bench --mode train` stays a real training step: grad enabled, never inference mode."""
+    with model_forward_modes() as calls:
+        assert bench.run(_parse([*TINY, "--mode", "train", "--batch-size", "2"])) == 0
+    capsys.readouterr()
+    assert calls and not any(call["inference_mode"] for call in calls), calls
+    steps = [call for call in calls if call["grad"]]
+    assert sum(call["model"] == "FastResNet" for call in steps) >= 1 + 1, calls  # first call + 1 timed round
+    assert all(call["training"] for call in steps), calls
+
+
+def test_eval_cli_runs_the_model_under_inference_mode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`resnet-fast eval` on a torchvision checkpoint: warm-up and every test batch under inference_mode."""
+    import torchvision
+
+    from resnet_fast.cli import main
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    with model_forward_modes() as calls:
+        status = main(["eval", "--checkpoint", str(path), "--data", "digits", "--batch-size", "180",
+                       "--device", "cpu", "--json", str(tmp_path / "eval.json")])
+    assert status == 0, capsys.readouterr()
+    assert json.loads((tmp_path / "eval.json").read_text())["images"] == 360
+    assert [call["model"] for call in calls] == ["FastResNet"] * 3, calls  # warm-up + 2 batches of 180
+    outside = [call for call in calls if not call["inference_mode"] or call["training"]]
+    assert not outside, f"resnet-fast eval forwards outside torch.inference_mode(): {outside}"
+
+
+def test_training_validates_under_inference_mode_and_trains_on(tmp_path: Path) -> None:
+    """`resnet-fast train`: each epoch's validation under inference_mode; training after it still has autograd
+    (nothing made under inference_mode is used by the next epoch's steps)."""
+    import numpy as np
+    from PIL import Image
+
+    from resnet_fast.train.loop import TrainConfig, train
+
+    rng = np.random.default_rng(0)  # a 16-image folder of 2 colour classes: 2 epochs of one 8x8 step
+    for label, colour in enumerate(((220, 40, 40), (40, 40, 220))):
+        (tmp_path / f"class_{label}").mkdir()
+        for i in range(8):
+            pixels = np.clip(rng.normal(colour, 40, size=(8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"class_{label}" / f"{i:02d}.png")
+    config = TrainConfig(data="imagefolder", data_dir=str(tmp_path), image_size=8, batch_size=16, epochs=2, lr=0.05)
+    with model_forward_modes() as calls:
+        result = train(config, device="cpu", progress=False, log=lambda message: None)
+    assert len(result.history) == 2 and all(math.isfinite(loss) for loss in result.losses)
+    evaluations = [i for i, call in enumerate(calls) if not call["training"]]
+    steps = [i for i, call in enumerate(calls) if call["training"]]
+    assert evaluations and steps and min(evaluations) < max(steps), calls  # epoch 2 trains after epoch 1's validation
+    assert all(calls[i]["inference_mode"] for i in evaluations), f"validation outside inference_mode: {calls}"
+    assert all(calls[i]["grad"] and not calls[i]["inference_mode"] for i in steps), calls

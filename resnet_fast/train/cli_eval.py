@@ -1,5 +1,7 @@
 """``resnet-fast eval``: top-1 / top-5 accuracy and images/s of a checkpoint on a test split.
 
+The model runs under ``torch.inference_mode()`` (:func:`resnet_fast.train.loop.evaluate`), warm-up included.
+
 The architecture, class count, data set and image size come from the checkpoint's
 ``config``; a torchvision checkpoint (a bare state_dict or ``{"model": state_dict}``)
 works too: its architecture is read off the weights, and ``--data`` says what to test on.
@@ -74,7 +76,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loader = make_test_loader(bundle, batch_size, workers, torch_device)
-    with torch.no_grad():  # warm-up (folds BN into the convs, primes the allocator) outside the timing
+    with torch.inference_mode():  # warm-up (folds BN into the convs, primes the allocator) outside the timing
         model.eval()(torch.zeros(1, 3, bundle.image_size, bundle.image_size, device=torch_device))
     result = evaluate(model, loader, bundle, torch_device, amp, channels_last)
     result.update(checkpoint=path, arch=arch, data=bundle.description, device=str(torch_device),

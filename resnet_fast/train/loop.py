@@ -216,13 +216,18 @@ def _check_amp(amp: Optional[str], device: torch.device) -> None:
 def evaluate(model: nn.Module, loader: DataLoader, bundle: DataBundle, device: torch.device,
              amp: Optional[str] = None, channels_last: bool = False,
              context: Optional[DistributedContext] = None, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Loss, top-k accuracies (in %) and images/s of ``model`` (eval mode) over ``loader``."""
+    """Loss, top-k accuracies (in %) and images/s of ``model`` (eval mode, under ``torch.inference_mode()``)
+    over ``loader``.
+
+    Only Python floats and the (normal) ``totals`` tensor leave the inference block, so a training loop can go
+    on training ``model`` afterwards: the model's cached BN folds are built outside inference mode.
+    """
     context = context or DistributedContext()
     model.eval()
     ks = [k for k in topk if k <= bundle.num_classes] or [1]
     totals = torch.zeros(2 + len(ks), dtype=torch.float64)  # loss sum, count, correct@k...
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():
         for images, labels in loader:
             x = prepare_batch(images, bundle.mean, bundle.std, device, channels_last)
             labels = labels.to(device)
