@@ -590,6 +590,15 @@ def test_conv_stats_nan_inf_and_huge_channels():
     assert torch.isfinite(var[5]) and 0.0 <= var[5].item() < (1e-5 * 3e19) ** 2, f"var of the 3e19 channel: {var[5]}"
 
 
+def _assert_train_step_matches(out, grads, stats, ref_out, ref_grads, ref_stats, names) -> None:
+    """Output, every gradient and the running statistics have the reference's non-finite pattern."""
+    _assert_same_nonfinite(out, ref_out, "out")
+    for name, g, r in zip(names, grads, ref_grads):
+        _assert_same_nonfinite(g, r, f"grad {name}")
+    _check_running_stats(stats[0], ref_stats[0], "running_mean")
+    _check_running_stats(stats[1], ref_stats[1], "running_var")
+
+
 def _check_running_stats(ours, ref, name):
     if DEVICE == "cpu":
         _assert_same_nonfinite(ours, ref, name)
@@ -619,11 +628,7 @@ def test_bn_act_train_keeps_nan_and_inf():
     ref_out = reference.bn_act_train(*ref_inputs[:3], *ref_stats, 0.1, 1e-5, ref_inputs[3], True)
     ref = _grads(ref_out, ref_inputs, grad_out)
 
-    _assert_same_nonfinite(out, ref_out, "out")
-    for name, g, r in zip(names, got, ref):
-        _assert_same_nonfinite(g, r, f"grad {name}")
-    _check_running_stats(ours_stats[0], ref_stats[0], "running_mean")
-    _check_running_stats(ours_stats[1], ref_stats[1], "running_var")
+    _assert_train_step_matches(out, got, ours_stats, ref_out, ref, ref_stats, names)
 
 
 @pytest.mark.parametrize("path", ["triton", "vendor"])
@@ -656,11 +661,7 @@ def test_conv_bn_act_train_keeps_nan_and_inf(path, monkeypatch):
     ref_out = reference.bn_act_train(y, ref_inputs[3], ref_inputs[4], *ref_stats, 0.1, 1e-5, ref_inputs[5], True)
     ref = _grads(ref_out, ref_inputs, grad_out)
 
-    _assert_same_nonfinite(out, ref_out, "out")
-    for name, g, r in zip(names, got, ref):
-        _assert_same_nonfinite(g, r, f"grad {name}")
-    _check_running_stats(ours_stats[0], ref_stats[0], "running_mean")
-    _check_running_stats(ours_stats[1], ref_stats[1], "running_var")
+    _assert_train_step_matches(out, got, ours_stats, ref_out, ref, ref_stats, names)
 
 
 _TRITON_DIR = os.path.join(os.path.dirname(resnet_fast.__file__), "ops", "triton")
