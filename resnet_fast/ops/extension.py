@@ -7,7 +7,6 @@ training unit's autograd: one fused op forward, one fused op backward.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Optional
 
@@ -86,13 +85,8 @@ def _mkldnn_packed_weight(folded: FoldedConv, x: torch.Tensor) -> Optional[torch
 
 def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
                           relu: bool) -> Optional[torch.Tensor]:
-    """One oneDNN call: conv + bias, then a binary ``add`` (residual) and a ``relu`` post-op. None if unsupported
-    (also under torch.compile: oneDNN's weight reorder has no fake kernel to trace).
-
-    oneDNN's ReLU post-op maps NaN to 0 where ``torch.relu`` keeps it. A NaN can only come from a non-finite
-    operand (or from a float32 overflow inside the sum, |partial sums| > 3.4e38), so the post-op runs where
-    every operand is finite, and otherwise the convolution runs without it and ReLU runs in place after.
-    """
+    """One oneDNN call: conv + bias, then a binary ``add`` (residual) post-op, and ReLU in place. None if unsupported
+    (also under torch.compile: oneDNN's weight reorder has no fake kernel to trace)."""
     if torch.compiler.is_compiling():
         return None
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
@@ -107,26 +101,14 @@ def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optiona
     x = x.contiguous(memory_format=torch.channels_last)
     bias = folded.bias.detach().to(x.dtype)
     geometry = (list(g.padding), list(g.stride), list(g.dilation), g.groups)
-    relu_post_op = relu and _weights_finite(folded) and _finite(x) and (residual is None or _finite(residual))
+    # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the ReLU runs after, in place.
     if residual is None:
-        out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry,
-                                                       "relu" if relu_post_op else "none", [None], "")
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [None], "")
     else:
         residual = residual.contiguous(memory_format=torch.channels_last)
         out = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, packed, bias, *geometry, "add", None, "relu" if relu_post_op else None, [None], "")
-    return out.relu_() if relu and not relu_post_op else out
-
-
-def _finite(t: torch.Tensor) -> bool:
-    # One read of t, no allocation: the sum is finite only if every element is (any NaN or Inf
-    # makes it NaN or Inf; an overflow of finite values makes it Inf, a false alarm that is only slower).
-    return math.isfinite(t.sum().item())
-
-
-def _weights_finite(folded: FoldedConv) -> bool:
-    """Whether the folded weight and bias hold no NaN or Inf, checked once per weight (cached)."""
-    return _cached_packed_weight(folded, "finite", lambda: _finite(folded.weight) and _finite(folded.bias))
+            x, residual, packed, bias, *geometry, "add", None, None, [None], "")
+    return out.relu_() if relu else out
 
 
 CONV3X3_ALGORITHMS = ("auto", "winograd", "onednn")
