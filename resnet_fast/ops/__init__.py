@@ -9,6 +9,7 @@ Every backend computes exactly what the stock layers compute::
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Optional, Sequence, Union
@@ -39,8 +40,10 @@ def backend_module(name: str) -> ModuleType:
     return module
 
 
+@functools.lru_cache(maxsize=None)
 def content_fingerprint_available() -> bool:
-    """Whether :func:`content_fingerprint` has its compiled CPU kernel (``resnet_fast._C``)."""
+    """Whether :func:`content_fingerprint` has its compiled CPU kernel (``resnet_fast._C``); asked once
+    per process (the fold cache asks on every eval call)."""
     from resnet_fast import _extension
 
     return _extension.extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
