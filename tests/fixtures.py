@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
@@ -30,3 +35,28 @@ def assert_buffers_match(fast: nn.Module, stock: nn.Module, stock64: nn.Module, 
             assert torch.equal(mine, theirs), f"{what} {name}: {mine} != torchvision's {theirs}"
         else:
             assert_tolerance(mine, theirs64, theirs, f"{what} {name}")
+
+
+class NetworkAccess(AssertionError):
+    """Raised instead of downloading: every checkpoint a test needs is put in its TORCH_HOME first."""
+
+
+def offline_torch_hub(monkeypatch: pytest.MonkeyPatch, torch_home: Path, why: str) -> Path:
+    """Point torch.hub at ``torch_home`` (TORCH_HOME) and make any download raise :class:`NetworkAccess`
+    (``why`` says what the test provides); returns the checkpoints folder torchvision's loader reads."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    assert torch.hub.get_dir() == str(torch_home / "hub"), (
+        f"torch.hub.get_dir() is {torch.hub.get_dir()!r}, not under TORCH_HOME={torch_home}: torch.hub.set_dir "
+        "was called, so the test checkpoints would not be found")
+
+    def no_download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
+        raise NetworkAccess(f"torch.hub tried to download {url} to {dst}: {why}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return torch_home / "hub" / "checkpoints"
+
+
+def checkpoint_path(checkpoints: Path, weights: Any) -> Path:
+    """Where torchvision's loader looks for ``weights`` (a torchvision weights enum member)."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    return checkpoints / os.path.basename(weights.url)

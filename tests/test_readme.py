@@ -41,7 +41,6 @@ import builtins
 import dataclasses
 import functools
 import importlib.metadata
-import os
 import re
 import symtable
 import textwrap
@@ -51,6 +50,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 import torch
+
+from tests.fixtures import checkpoint_path, offline_torch_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -208,10 +209,6 @@ def test_every_preamble_matches_a_block() -> None:
 # --------------------------------------------------------------------------- offline checkpoints
 
 
-class NetworkAccess(AssertionError):
-    """Raised instead of downloading: every checkpoint a README block needs is put in TORCH_HOME first."""
-
-
 @functools.lru_cache(maxsize=None)
 def _random_torchvision_state(arch: str, num_classes: int) -> dict[str, torch.Tensor]:
     """A seeded random state_dict of torchvision's ``arch`` (the same one every time)."""
@@ -256,16 +253,8 @@ def offline_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[
     cwd, torch_home = tmp_path / "cwd", tmp_path / "torch_home"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    assert torch.hub.get_dir() == str(torch_home / "hub"), (
-        f"torch.hub.get_dir() is {torch.hub.get_dir()!r}, not under TORCH_HOME={torch_home}: torch.hub.set_dir "
-        "was called, so the prepared checkpoints would not be found")
-
-    def no_download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
-        raise NetworkAccess(f"torch.hub tried to download {url} to {dst}: the README test prepares checkpoints "
-                            f"only for the weights a block names literally (see {__file__})")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    checkpoints = offline_torch_hub(monkeypatch, torch_home, "the README test prepares checkpoints only for "
+                                    f"the weights a block names literally (see {__file__})")
 
     def prepare(block: Block) -> list[str]:
         from resnet_fast.models.weights import WEIGHTS_ENUMS
@@ -280,9 +269,8 @@ def offline_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[
             written.append(m.group("file"))
         for weights in _weights_named(block):
             arch = next(a for a, e in WEIGHTS_ENUMS.items() if e == type(weights).__name__)
-            path = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
+            path = checkpoint_path(checkpoints, weights)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(_random_torchvision_state(arch, len(weights.meta["categories"])), path)
                 written.append(str(path.relative_to(tmp_path)))
         return written

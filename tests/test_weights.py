@@ -21,14 +21,10 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 
 import resnet_fast
-from tests.fixtures import randomize_bn
+from tests.fixtures import NetworkAccess, checkpoint_path, offline_torch_hub, randomize_bn
 from tests.numerics import assert_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class NetworkAccess(AssertionError):
-    """Raised instead of downloading: every checkpoint a test needs is in its TORCH_HOME."""
 
 
 def _random_torchvision(arch: str, num_classes: int, seed: int) -> nn.Module:
@@ -42,21 +38,11 @@ def _random_torchvision(arch: str, num_classes: int, seed: int) -> nn.Module:
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Any], dict[str, torch.Tensor]]:
     """``hub(arch, weights)`` writes a random ``arch`` checkpoint where torch.hub looks for ``weights.url``."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert torch.hub.get_dir() == str(tmp_path / "hub"), (
-        f"torch.hub.get_dir() is {torch.hub.get_dir()!r}, not under TORCH_HOME={tmp_path}: torch.hub.set_dir "
-        "was called, so the test checkpoints would not be found")
-
-    def no_download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
-        raise NetworkAccess(f"torch.hub tried to download {url} to {dst}: the checkpoint is not in the cache")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    checkpoints = offline_torch_hub(monkeypatch, tmp_path, "the checkpoint is not in the cache")
 
     def place(arch: str, weights: Any) -> dict[str, torch.Tensor]:
         state = _random_torchvision(arch, len(weights.meta["categories"]), seed=1234).state_dict()
-        checkpoints = tmp_path / "hub" / "checkpoints"
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        torch.save(state, checkpoints / os.path.basename(weights.url))
+        torch.save(state, checkpoint_path(checkpoints, weights))
         return state
 
     return place
