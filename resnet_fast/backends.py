@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import re
 from typing import Iterator, Optional, Union
 
 import torch
@@ -57,6 +58,8 @@ def unavailable_reason(name: str, device: Union[str, torch.device, None] = "cpu"
             return error
         if device_type == "cuda" and not _extension.has_cuda_kernels():
             return "resnet_fast._C was built without CUDA kernels (no CUDA toolkit or CPU-only torch at build time)"
+        if device_type == "cuda" and torch.cuda.is_available():
+            return _gpu_arch_reason(torch.device(device).index)
         return None
     # triton
     if importlib.util.find_spec("triton") is None:
@@ -70,6 +73,43 @@ def unavailable_reason(name: str, device: Union[str, torch.device, None] = "cpu"
     except Exception as error:  # a broken triton install must not break the other backends
         return f"the triton kernels failed to import: {type(error).__name__}: {error}"
     return triton_ops.unavailable_reason()
+
+
+_ARCH_ENTRY = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+
+
+def kernel_image_reason(archs: str, capability: tuple[int, int]) -> Optional[str]:
+    """None when CUDA code built for ``archs`` (``TORCH_CUDA_ARCH_LIST`` syntax, e.g. ``"8.0;9.0+PTX"``)
+    runs on a GPU of compute ``capability``, else why not.
+
+    A cubin for X.Y runs on X.Y' with Y' >= Y (an ``a`` variant only on X.Y itself); PTX for
+    X.Y is compiled by the driver for any newer GPU. An unreadable list is not held against the GPU.
+    """
+    entries = [entry for entry in re.split(r"[;,\s]+", archs.strip()) if entry]
+    parsed = [_ARCH_ENTRY.match(entry) for entry in entries]
+    if not entries or not all(parsed):
+        return None
+    major, minor = capability
+    for match in parsed:
+        built = (int(match.group(1)), int(match.group(2)))
+        exact_only = match.group(3) == "a"
+        if built == (major, minor) or (not exact_only and built[0] == major and built[1] <= minor):
+            return None
+        if match.group(4) and not exact_only and built <= (major, minor):
+            return None
+    return (f"resnet_fast._C's CUDA kernels were built for {archs}, which cannot run on a compute capability "
+            f"{major}.{minor} GPU (rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor})")
+
+
+_gpu_arch_reasons: dict[int, Optional[str]] = {}
+
+
+def _gpu_arch_reason(index: Optional[int]) -> Optional[str]:
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _gpu_arch_reasons:
+        archs = str(_extension.build_info().get("cuda_archs", ""))
+        _gpu_arch_reasons[index] = kernel_image_reason(archs, torch.cuda.get_device_capability(index))
+    return _gpu_arch_reasons[index]
 
 
 def is_available(name: str, device: Union[str, torch.device, None] = "cpu") -> bool:

@@ -782,7 +782,8 @@ def test_selector_measures_once_and_persists(monkeypatch, tmp_path):
     """Timing logic with a fake clock: the faster candidate wins, is cached, and survives a restart on disk."""
     monkeypatch.setenv(select.MODE_ENV, "measure")
     monkeypatch.setenv(select.CACHE_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(select, "_cannot_time", lambda device: False)
+    monkeypatch.setattr(select, "_timeable_device", lambda device: True)
+    monkeypatch.setattr(select, "_capturing", lambda: False)
     fake_ms = {"triton": 2.0, "vendor": 1.0}
     timed = []
 
@@ -837,11 +838,11 @@ def test_cuda_autotuned_conv(case, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_tf32_follows_matmul_flag(monkeypatch):
-    """fp32 without TF32 is IEEE-exact-ish; with torch.backends.cuda.matmul.allow_tf32 it may use TF32."""
+def test_cuda_tf32_follows_the_convolution_flag(monkeypatch):
+    """fp32 without TF32 is IEEE-exact-ish; with cuDNN's convolutions allowed TF32 the Triton conv may use it."""
     case = ("tf32", 256, 256, 14, 14, 3, 1, 1, 1, 1)
     _check_inference(case, False, False, "nhwc")  # allow_tf32 is off in tests: fp32 tolerance holds
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     x = _randn(2, 256, 14, 14, layout="nhwc")
     weight = _randn(256, 256, 3, 3, scale=(256 * 9) ** -0.5)
     packed = conv.pack_weight(weight, 1)

@@ -27,6 +27,32 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def conv_allows_tf32() -> bool:
+    """Whether fp32 convolutions may use TF32: the setting cuDNN's convolutions follow.
+
+    The fused Triton conv and the cuDNN candidate it races against must compute in
+    the same precision. ``torch.backends.cudnn.conv.fp32_precision`` (torch >= 2.9)
+    is read first, walking up to the cudnn and global settings while it says
+    ``"none"`` (inherit): reading the legacy ``allow_tf32`` flag after a user set the
+    new API raises there. Older torch has only the legacy flag.
+
+    Equivalent PyTorch (torch >= 2.9, no inheritance)::
+
+        torch.backends.cudnn.conv.fp32_precision == "tf32"
+    """
+    levels = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+    try:
+        for level in levels:
+            precision = getattr(level, "fp32_precision", None) if level is not None else None
+            if precision is None:
+                raise AttributeError("fp32_precision")
+            if precision != "none":
+                return precision == "tf32"
+        return False
+    except (AttributeError, RuntimeError):
+        return bool(torch.backends.cudnn.allow_tf32)
+
+
 def define_op(name: str, fake: Optional[Callable] = None) -> Callable[[Callable], Any]:
     """Register ``resnet_fast::<name>`` backed by Triton kernels.
 
@@ -52,6 +78,18 @@ def launcher(kernel: Any) -> Any:
     if HAS_TRITON_OP:
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+#: Pixel rows (N * H * W) index the kernels' tiles in int32 (image offsets are int64): cheap
+#: 32-bit division per element, and a tile's last row must not wrap.
+MAX_ROWS = 2**31 - 2**16
+
+
+def check_rows(rows: int) -> None:
+    """Raise when ``rows`` pixels (N * H * W) are too many for the kernels' int32 row index."""
+    if rows > MAX_ROWS:
+        raise ValueError(f"the Triton kernels index N * H * W = {rows} pixels in int32 (at most {MAX_ROWS}); "
+                         f"split the batch")
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device,

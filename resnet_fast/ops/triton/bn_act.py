@@ -111,7 +111,7 @@ def bn_act_forward_kernel(
     mask_m = offs_m < batch * pixels
     mask_c = offs_c < channels
     mask = mask_m[:, None] & mask_c[None, :]
-    image = offs_m // pixels
+    image = (offs_m // pixels).to(tl.int64)  # image * stride_n may pass 2**31
     pixel = offs_m % pixels
 
     # Per-channel affine map y * scale + shift, built in float32 from the statistics.
@@ -183,7 +183,7 @@ def bn_act_backward_reduce_kernel(
     for tile_start in range(row_start, row_end, BLOCK_M):
         offs_m = tile_start + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_c[None, :]
-        image = offs_m // pixels
+        image = (offs_m // pixels).to(tl.int64)  # image * stride_n may pass 2**31
         pixel = offs_m % pixels
         g = tl.load(grad_out_ptr + image[:, None] * stride_gn + pixel[:, None] * stride_gp
                     + offs_c[None, :] * stride_gc, mask=mask, other=0.0).to(tl.float32)
@@ -244,7 +244,7 @@ def bn_act_backward_kernel(
     count = batch * pixels
     mask_c = offs_c < channels
     mask = (offs_m < count)[:, None] & mask_c[None, :]
-    image = offs_m // pixels
+    image = (offs_m // pixels).to(tl.int64)  # image * stride_n may pass 2**31
     pixel = offs_m % pixels
 
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -304,6 +304,7 @@ def bn_act_forward_host(
         residual, residual_strides = _common.flat_pixel_view(residual)
     batch, channels, height, width = y.shape
     pixels = height * width
+    _common.check_rows(batch * pixels)
     block_m, block_c = _elementwise_blocks(batch * pixels, channels)
     grid = (triton.cdiv(batch * pixels, block_m), triton.cdiv(channels, block_c))
     has_stats = mean is not None
@@ -352,6 +353,11 @@ def bn_act_backward_host(
     batch, channels, height, width = y.shape
     pixels = height * width
     rows = batch * pixels
+    _common.check_rows(rows)
+    if channels == 0 or rows == 0:  # no programs to spread; sums over nothing are 0
+        zeros = y.new_zeros((channels,), dtype=torch.float32)
+        grad_residual = torch.empty_like(y) if residual_grad else y.new_empty((0,))
+        return torch.empty_like(y), zeros, zeros.clone(), grad_residual
     block_m, block_c = _elementwise_blocks(rows, channels)
     channel_blocks = triton.cdiv(channels, block_c)
     target_programs = 8 if _common.interpreted() else 1024

@@ -103,7 +103,7 @@ def partial_stats_kernel(
     for tile_start in range(row_start, row_end, BLOCK_M):
         offs_m = tile_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
-        image = offs_m // pixels
+        image = (offs_m // pixels).to(tl.int64)  # image * stride_n may pass 2**31
         pixel = offs_m % pixels
         pointers = y_ptr + image[:, None] * stride_yn + pixel[:, None] * stride_yp + offs_c[None, :] * stride_yc
         valid = mask_m[:, None] & mask_c[None, :]
@@ -219,6 +219,10 @@ def batch_stats_host(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, channels, height, width = y.shape
     pixels = height * width
     total_rows = batch * pixels
+    _common.check_rows(total_rows)
+    if channels == 0 or total_rows == 0:  # no programs to spread; statistics of nothing are NaN, as in torch
+        nothing = y.new_full((channels,), float("nan"), dtype=torch.float32)
+        return nothing, nothing.clone()
     if _common.interpreted():
         block_m, block_c = _common.interpreter_block(total_rows), _common.interpreter_channels(channels)
     else:

@@ -146,7 +146,9 @@ def conv2d_nhwc_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < total_m
     mask_n = offs_n < out_channels_per_group
-    image = offs_m // out_pixels
+    # Image offsets in int64: image * stride_xn passes 2**31 elements on large batches (pixels and
+    # channels within one image stay int32, as does offs_m: the host checks total_m fits).
+    image = (offs_m // out_pixels).to(tl.int64)
     pixel = offs_m % out_pixels
     out_row = pixel // out_width
     out_col = pixel % out_width
@@ -229,6 +231,20 @@ conv2d_nhwc_stats_autotuned = triton.autotune(
 #: Tests set this to a ``triton.Config`` to bypass autotuning and run exactly that tile.
 FORCED_CONFIG: Optional[triton.Config] = None
 
+#: Autotune keys tuned in this process. Under CUDA graph capture an untuned layer runs a fixed
+#: tile instead, since the autotuner's benchmark would synchronise inside the capture.
+_tuned_layers: set[tuple] = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def untuned_config(x: torch.Tensor, in_per_group: int, out_per_group: int) -> triton.Config:
+    """The tile a layer runs when it cannot be autotuned: the first config the prune keeps for it."""
+    named_args = {"x_ptr": x, "in_channels_per_group": in_per_group, "out_channels_per_group": out_per_group}
+    return prune_configs(GPU_CONFIGS, named_args)[0]
+
 
 def interpreter_config(total_m: int, in_per_group: int, out_per_group: int) -> triton.Config:
     """The tile under ``TRITON_INTERPRET=1`` (nothing to time there): the interpreter pays per program
@@ -279,9 +295,11 @@ def conv_host(
                                torch.channels_last)
     weight_rows = packed_weight.reshape(groups, kernel_h * kernel_w * in_per_group, out_per_group)
     residual_strides = nhwc_strides(residual) if residual is not None else (0, 0, 0, 0)
-    # TF32 only when the user allowed it for matmuls; fp16/bf16 dots are exact-product anyway.
-    dot_ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    # TF32 exactly when cuDNN's convolutions may use it (the candidate this kernel races against);
+    # fp16/bf16 dots are exact-product anyway.
+    dot_ieee = x.dtype == torch.float32 and not _common.conv_allows_tf32()
     total_m = batch * out_height * out_width
+    _common.check_rows(total_m)
 
     def grid(meta):
         return (triton.cdiv(total_m, meta["BLOCK_M"]) * triton.cdiv(out_per_group, meta["BLOCK_N"]), groups)
@@ -324,12 +342,17 @@ def conv_host(
     config = FORCED_CONFIG
     if config is None and _common.interpreted():
         config = interpreter_config(total_m, in_per_group, out_per_group)
+    tune_key = (x.dtype, batch, in_height, in_width, in_per_group, out_per_group, kernel_h, kernel_w,
+                *stride, *dilation, residual is not None, stats is not None, dot_ieee)
+    if config is None and tune_key not in _tuned_layers and _capturing(x.device):
+        config = untuned_config(x, in_per_group, out_per_group)
     if config is not None:
         _common.launcher(conv2d_nhwc_kernel)[grid](*arguments, **flags, **config.kwargs,
                                                   num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         autotuned = conv2d_nhwc_stats_autotuned if stats is not None else conv2d_nhwc_autotuned
         _common.launcher(autotuned)[grid](*arguments, **flags)
+        _tuned_layers.add(tune_key)
     return out
 
 
