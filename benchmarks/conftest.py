@@ -13,6 +13,9 @@ Options and environment:
   (torch.compile) on every model configuration, not only the headline ones.
 * ``RESNET_FAST_BENCH_DEVICE=cpu``: force the CPU even when a GPU is visible.
 * ``RESNET_FAST_BENCH_BLOCK_BATCH=N``: batch of the block benchmarks.
+* ``RESNET_FAST_BENCH_JSONL=PATH``: append one JSON line per benchmark as soon as
+  it finishes (pytest-benchmark's own ``--benchmark-json`` is written only at the
+  end of the session, so a run cut short by a time limit would keep nothing).
 
 Every benchmark records ``images_per_s`` (and, for blocks, ``tflops``) in
 ``benchmark.extra_info``; group names (``block-eval:layer1.conv2 3x3 64@56``,
@@ -22,6 +25,7 @@ by side in the pytest-benchmark table.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -30,6 +34,7 @@ import pytest
 import torch
 
 NO_PEERS_ENV = "RESNET_FAST_BENCH_NO_PEERS"
+JSONL_ENV = "RESNET_FAST_BENCH_JSONL"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -91,3 +96,17 @@ def setup_cache() -> Iterator[SetupCache]:
     cache = SetupCache()
     yield cache
     cache._items.clear()
+
+
+@pytest.fixture(autouse=True)
+def _benchmark_line(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each benchmark, append its statistics (pytest-benchmark's JSON entry) to $RESNET_FAST_BENCH_JSONL."""
+    yield
+    path = os.environ.get(JSONL_ENV)
+    benchmark = request.node.funcargs.get("benchmark")
+    stats = getattr(benchmark, "stats", None)
+    if not path or stats is None:
+        return
+    entry = stats.as_dict(include_data=False)
+    with open(path, "a") as handle:  # one line per write: a cut-off run leaves whole lines only
+        handle.write(json.dumps(entry, default=str) + "\n")

@@ -215,11 +215,14 @@ def fast_model(model: nn.Module, backend: Optional[str], memory_format: torch.me
     return FastResNet.from_torchvision(model, backend=backend).to(memory_format=memory_format)
 
 
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
 def compiled_runner(model: nn.Module, images: Tensor, train: bool = False,
-                    targets: Optional[Tensor] = None) -> Runner:
-    """``torch.compile`` (inductor). Inference compiles with ``freezing`` (weights as constants, conv weights
-    pre-packed, BN folded) under ``torch.inference_mode()``; training compiles the model and runs
-    :func:`train_step_runner`.
+                    targets: Optional[Tensor] = None, mode: str = "default") -> Runner:
+    """``torch.compile(model, mode=mode)`` (inductor). Inference compiles with ``freezing`` (weights as
+    constants, conv weights pre-packed, BN folded) under ``torch.inference_mode()``; training compiles the
+    model and runs :func:`train_step_runner`.
 
     The first call compiles, so it is made here, inside the config patch (freezing is read at compile time).
     """
@@ -235,12 +238,12 @@ def compiled_runner(model: nn.Module, images: Tensor, train: bool = False,
     dynamo.reset()  # each call of this builder compiles afresh; no recompile limits from earlier models
     if train:
         assert targets is not None
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
         run = train_step_runner(compiled, images, targets)
         run()
         return run
     model.eval()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=mode)
     # Compiled (first call) and timed under inference_mode, like every other provider: in torch 2.14 freezing
     # applies there as under no_grad (the same BN folding and oneDNN weight packing, by inductor's counters).
     with inductor_config.patch(freezing=True):
@@ -345,12 +348,12 @@ def openvino_runner(model: nn.Module, images: Tensor, threads: Optional[int] = N
 
 
 def peer_runner(peer: str, model: nn.Module, images: Tensor, train: bool = False,
-                targets: Optional[Tensor] = None) -> Runner:
+                targets: Optional[Tensor] = None, compile_mode: str = "default") -> Runner:
     """The runner of peer ``peer`` on a private copy of ``model``; raises :class:`PeerUnavailable` when it can't run."""
     if train and peer != "compile":
         raise PeerUnavailable(f"{peer} is an inference runtime (no training step)")
     if peer == "compile":
-        return compiled_runner(model, images, train, targets)
+        return compiled_runner(model, images, train, targets, mode=compile_mode)
     if peer == "jit":
         return jit_runner(model, images)
     if peer == "onnxruntime":
@@ -414,6 +417,7 @@ class BenchConfig:
     warmup: int
     fast_memory_format: torch.memory_format
     seed: int = 0
+    compile_mode: str = "default"  # torch.compile's mode for the compile peer
 
 
 def _progress(message: str, end: str = "\n") -> None:
@@ -470,7 +474,7 @@ def build_providers(config: BenchConfig, base_model: nn.Module, images: Tensor, 
     def peer(name: str) -> Callable[[], Runner]:
         def build() -> Runner:
             model = copy.deepcopy(base_model)
-            return peer_runner(name, model, images, train=train, targets=targets)
+            return peer_runner(name, model, images, train=train, targets=targets, compile_mode=config.compile_mode)
         return build
 
     providers = [
@@ -484,7 +488,8 @@ def build_providers(config: BenchConfig, base_model: nn.Module, images: Tensor, 
             providers.append(Provider("fast-auto", label, fast(None), kind="fast"))
         else:
             providers.append(Provider(f"fast-{name}", f"FastResNet {name} ({layout_name})", fast(name), kind="fast"))
-    peer_labels = {"compile": "torch.compile" + (" (train)" if train else " (freezing)"),
+    compile_label = "" if config.compile_mode == "default" else f" {config.compile_mode}"
+    peer_labels = {"compile": f"torch.compile{compile_label}" + (" (train)" if train else " (freezing)"),
                    "jit": "torch.jit.freeze + optimize_for_inference",
                    "onnxruntime": f"ONNX Runtime CPU ({torch.get_num_threads()} threads)",
                    "openvino": f"OpenVINO CPU ({torch.get_num_threads()} threads)"}
@@ -671,93 +676,6 @@ def write_plot(path: str, config: BenchConfig, providers: list[Provider]) -> Non
     plt.close(fig)
 
 
-def _benchmark_rows(pytest_json: dict) -> dict[str, list[dict[str, Any]]]:
-    """pytest-benchmark's JSON as ``{group: [row, ...]}`` with provider, ms, images/s, TFLOP/s, speed-up vs stock."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for entry in pytest_json.get("benchmarks", []):
-        extra = entry.get("extra_info", {})
-        provider = extra.get("provider") or (entry.get("params") or {}).get("provider") or entry.get("name")
-        groups.setdefault(entry.get("group") or "ungrouped", []).append({
-            "provider": provider,
-            "ms": 1e3 * entry["stats"]["median"],
-            "images_per_s": extra.get("images_per_s"),
-            "tflops": extra.get("tflops"),
-            "first_output_s": extra.get("first_output_s"),
-            "max_abs_error": extra.get("max_abs_error"),
-        })
-    for rows in groups.values():
-        stock = next((r for r in rows if r["provider"] in ("stock", "stock-nchw")), None)
-        for row in rows:
-            row["speedup_vs_stock"] = stock["ms"] / row["ms"] if stock and row["ms"] else None
-    return groups
-
-
-def write_check_summary(stem: str, steps_tsv: str, cli_json_path: str, *pytest_json_paths: str) -> None:
-    """Write ``<stem>.json`` and ``<stem>.md`` from what ``benchmarks/gpu_check.sh`` produced.
-
-    Missing inputs (a step that failed or timed out) are noted, not fatal: the
-    summary of a partial run is still worth committing.
-    """
-    steps = []
-    if os.path.exists(steps_tsv):
-        with open(steps_tsv) as handle:
-            for line in handle:
-                name, verdict, status, seconds, command = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
-                steps.append({"step": name, "verdict": verdict, "exit": int(status or 0),
-                              "seconds": float(seconds or 0), "command": command})
-    pytest_json: dict[str, Any] = {"benchmarks": []}
-    for path in pytest_json_paths:  # one per benchmark step; a step that timed out wrote none
-        if os.path.exists(path):
-            with open(path) as handle:
-                pytest_json["benchmarks"] += json.load(handle).get("benchmarks", [])
-    cli_json = {}
-    if os.path.exists(cli_json_path):
-        with open(cli_json_path) as handle:
-            cli_json = json.load(handle)
-    groups = _benchmark_rows(pytest_json)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    summary = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(device),
-        "steps": steps,
-        "bench_cli": cli_json,
-        "benchmarks": groups,
-    }
-    with open(stem + ".json", "w") as handle:
-        json.dump(summary, handle, indent=2)
-
-    machine = summary["machine"]
-    lines = [f"# GPU check {summary['date'][:10]}: {machine['gpu'] or machine['cpu']}", "",
-             f"torch {machine['torch']} (CUDA {machine['cuda']}), torchvision {machine['torchvision']}, "
-             f"python {machine['python']}, resnet_fast {machine['resnet_fast']}, "
-             f"extension loaded: {machine['extension'].get('loaded')}", "",
-             "| step | result | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {s['step']} | {s['verdict']} (exit {s['exit']}) | {s['seconds']:.0f} |" for s in steps]
-    if cli_json:
-        lines += ["", f"## `resnet-fast bench`: {cli_json['model']} {cli_json['mode']}, batch {cli_json['batch_size']}, "
-                      f"{cli_json['image_size']}px, {cli_json['dtype']}", "",
-                  f"FastResNet vs torchvision: max abs error {cli_json['max_abs_error']:.2e}, "
-                  f"relative {cli_json['relative_error']:.2e}", "",
-                  "| provider | ms/batch | images/s | vs eager | first output (s) |", "| --- | --- | --- | --- | --- |"]
-        for row in cli_json["results"]:
-            if row["status"] != "ok":
-                lines.append(f"| {row['label']} | {row['status']}: {row['note']} | | | |")
-                continue
-            lines.append(f"| {row['label']} | {row['ms_per_batch']:.2f} | {row['images_per_s']:.1f} | "
-                         f"{row['speedup_vs_eager']:.2f}x | {row['first_output_s']:.1f} |")
-    if groups:
-        lines += ["", "## pytest-benchmark (median)", "",
-                  "| group | provider | ms | images/s | TFLOP/s | vs stock |", "| --- | --- | --- | --- | --- | --- |"]
-        for group, rows in groups.items():
-            for row in rows:
-                lines.append(f"| {group} | {row['provider']} | {row['ms']:.3f} | {_fmt(row['images_per_s'], '.1f')} | "
-                             f"{_fmt(row['tflops'], '.2f')} | {_fmt(row['speedup_vs_stock'], '.2f')}x |")
-    else:
-        lines += ["", "(no pytest-benchmark results: see the benchmarks steps' logs)"]
-    with open(stem + ".md", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -778,6 +696,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of compile, jit, onnxruntime, openvino; or none | all | default "
                              "(default: jit, onnxruntime and openvino where installed; compile costs ~40 s "
                              "of compilation on 2 CPU cores, so it is opt-in on CPU)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile mode of the compile peer (default: default; max-autotune tunes "
+                             "every convolution and takes minutes more)")
     parser.add_argument("--memory-format", choices=("auto", "nchw", "channels_last"), default="auto",
                         help="FastResNet's input/weight layout (default: auto = the fastest on the device)")
     parser.add_argument("--iterations", type=int, help="timed rounds; each round calls every provider once, interleaved (default: 3 CPU, 30 GPU)")
@@ -890,7 +811,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(model=model, batch_size=batch_size, image_size=image_size, dtype=dtype, device=device,
                        mode=args.mode, backends=_resolve_backends(args.backend, device),
                        peers=_resolve_peers(args.peers, device, args.mode), iterations=iterations, warmup=warmup,
-                       fast_memory_format=memory_format, seed=args.seed)
+                       fast_memory_format=memory_format, seed=args.seed,
+                       compile_mode=getattr(args, "compile_mode", "default"))
 
 
 def run(args: argparse.Namespace) -> int:

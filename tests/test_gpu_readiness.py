@@ -159,6 +159,12 @@ def test_untuned_layer_under_graph_capture_runs_a_fixed_tile(monkeypatch):
     monkeypatch.setattr(conv, "_capturing", lambda device: True)
     conv.conv_bias_act(x_other, packed, None, None, (1, 1), (1, 1), (1, 1), True)
     assert recorder.launches[-1][0] is conv.conv2d_nhwc_kernel, "another shape is another autotune key"
+    monkeypatch.setenv(conv.AUTOTUNE_ENV, "off")
+    kernel, _ = run(capturing=False)
+    assert kernel is conv.conv2d_nhwc_kernel, f"{conv.AUTOTUNE_ENV}=off must never autotune"
+    monkeypatch.setenv(conv.AUTOTUNE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=conv.AUTOTUNE_ENV):
+        run(capturing=False)
 
 
 # ------------------------------------------------------------------------------------ selection

@@ -819,8 +819,9 @@ def test_selector_measures_once_and_persists(monkeypatch, tmp_path):
     ("r50-stem", 3, 64, 64, 64, 7, 2, 3, 1, 1),
     ("resnext-3x3-g32", 256, 256, 28, 28, 3, 1, 1, 1, 32),
 ], ids=lambda c: c[0])
-def test_cuda_autotuned_conv(case, dtype):
+def test_cuda_autotuned_conv(case, dtype, monkeypatch):
     """Autotuned kernel (no forced config) at ResNet-50 shapes, batch 8, channels_last."""
+    monkeypatch.setenv(conv.AUTOTUNE_ENV, "full")  # even where the GPU check turns tuning off for speed
     _, c_in, c_out, h, w, k, s, p, d, g = case
     geometry = ConvGeometry((s, s), (p, p), (d, d), g)
     x = _randn(8, c_in, h, w, dtype=dtype, layout="nhwc")

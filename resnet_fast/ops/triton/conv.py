@@ -17,6 +17,7 @@ Reference -> kernel -> host function -> ops -> public function.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -231,6 +232,18 @@ conv2d_nhwc_stats_autotuned = triton.autotune(
 #: Tests set this to a ``triton.Config`` to bypass autotuning and run exactly that tile.
 FORCED_CONFIG: Optional[triton.Config] = None
 
+#: ``RESNET_FAST_TRITON_AUTOTUNE=off`` runs :func:`untuned_config` everywhere (no benchmarking: quick
+#: test runs on a GPU, where first-time tuning of every shape costs minutes); ``full`` (default) tunes.
+AUTOTUNE_ENV = "RESNET_FAST_TRITON_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    mode = os.environ.get(AUTOTUNE_ENV, "full").strip().lower()
+    if mode not in ("full", "off"):
+        raise ValueError(f"{AUTOTUNE_ENV}={mode!r}: expected full or off")
+    return mode == "full"
+
+
 #: Autotune keys tuned in this process. Under CUDA graph capture an untuned layer runs a fixed
 #: tile instead, since the autotuner's benchmark would synchronise inside the capture.
 _tuned_layers: set[tuple] = set()
@@ -344,7 +357,7 @@ def conv_host(
         config = interpreter_config(total_m, in_per_group, out_per_group)
     tune_key = (x.dtype, batch, in_height, in_width, in_per_group, out_per_group, kernel_h, kernel_w,
                 *stride, *dilation, residual is not None, stats is not None, dot_ieee)
-    if config is None and tune_key not in _tuned_layers and _capturing(x.device):
+    if config is None and (not autotune_enabled() or tune_key not in _tuned_layers and _capturing(x.device)):
         config = untuned_config(x, in_per_group, out_per_group)
     if config is not None:
         _common.launcher(conv2d_nhwc_kernel)[grid](*arguments, **flags, **config.kwargs,
