@@ -8,15 +8,20 @@
 //   channel-group) tile into partials in a workspace, then one thread per channel
 //   merges its partials in a fixed order (Welford/Chan for statistics).
 // * int64 indexing throughout; fp32 accumulation for fp32/fp16/bf16, fp64 for fp64.
+#ifdef RESNET_FAST_CUDA_HOST_SHIM
+#include "cuda/host_shim.h"  // the same kernels as host C++, for CPU tests (see host_shim.h)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
 
 #include "bn_act.h"
 #include "cuda/bn_act_launchers.h"
+#include "cuda/launch.h"
 
 namespace resnet_fast {
 namespace cuda {
@@ -138,9 +143,10 @@ void forward_with_pack(const T* y, const void* scale, const void* shift, const T
   const unsigned blocks = elementwise_blocks(packs);
   auto s = static_cast<const acc_t*>(scale);
   auto b = static_cast<const acc_t*>(shift);
-#define RESNET_FAST_LAUNCH_FORWARD(RELU, RES)                                                           \
-  bn_act_forward_kernel<T, kVec, kChannelsLast, RELU, RES><<<blocks, kElementwiseThreads, 0, stream>>>( \
-      y, s, b, residual, out, packs, shape.channels, shape.spatial)
+#define RESNET_FAST_LAUNCH_FORWARD(RELU, RES)                                                             \
+  launch_kernel<bn_act_forward_kernel<T, kVec, kChannelsLast, RELU, RES>>(blocks, kElementwiseThreads, stream, \
+                                                                          y, s, b, residual, out, packs,      \
+                                                                          shape.channels, shape.spatial)
   if (relu && residual) RESNET_FAST_LAUNCH_FORWARD(true, true);
   else if (relu) RESNET_FAST_LAUNCH_FORWARD(true, false);
   else if (residual) RESNET_FAST_LAUNCH_FORWARD(false, true);
@@ -224,12 +230,15 @@ __global__ void reduce_nchw_kernel(Op op, typename Op::State* __restrict__ parti
   State state = Op::init();
   int64_t position = begin + tid;
   if (position < end) {
-    // Walk (n, s) incrementally: no 64-bit division per element.
+    // Walk (n, s) incrementally by the quotient and remainder of the step: no 64-bit division per
+    // element, and a constant cost per step even on maps smaller than the step (1x1: 256 samples).
+    const int64_t step_n = kReductionThreads / spatial, step_s = kReductionThreads % spatial;
     int64_t n = position / spatial, s = position % spatial;
     for (; position < end; position += kReductionThreads) {
       op.update(state, (n * channels + c) * spatial + s, c);
-      s += kReductionThreads;
-      while (s >= spatial) {
+      n += step_n;
+      s += step_s;
+      if (s >= spatial) {
         s -= spatial;
         ++n;
       }
@@ -277,11 +286,12 @@ void launch_reduce(Op op, typename Op::State* partials, ActivationShape shape, c
   const dim3 threads(kWarp, kRowsPerBlock);
   if (shape.channels_last) {
     const dim3 blocks(static_cast<unsigned>(ceil_div(shape.channels, kWarp)), static_cast<unsigned>(splits));
-    reduce_channels_last_kernel<Op><<<blocks, threads, 0, stream>>>(op, partials, shape.batch * shape.spatial,
-                                                                    shape.channels);
+    launch_kernel<reduce_channels_last_kernel<Op>>(blocks, threads, stream, op, partials,
+                                                   shape.batch * shape.spatial, shape.channels);
   } else {
     const dim3 blocks(static_cast<unsigned>(shape.channels), static_cast<unsigned>(splits));
-    reduce_nchw_kernel<Op><<<blocks, threads, 0, stream>>>(op, partials, shape.batch, shape.channels, shape.spatial);
+    launch_kernel<reduce_nchw_kernel<Op>>(blocks, threads, stream, op, partials, shape.batch, shape.channels,
+                                          shape.spatial);
   }
 }
 
@@ -309,7 +319,7 @@ __global__ void bn_act_backward_finalize_kernel(const GradSums<acc_t>* __restric
     sum_g += partials[split * channels + c].sum_g;
     sum_gy += partials[split * channels + c].sum_gy;
   }
-  const acc_t gw = sum_gy * invstd[c];
+  const acc_t gw = count > acc_t(0) ? sum_gy * invstd[c] : acc_t(0);  // no rows: 0 whatever invstd is
   grad_bias[c] = sum_g;
   grad_weight[c] = gw;
   coefs[c] = bn_backward_coefs<acc_t>(weight != nullptr ? weight[c] : acc_t(1), invstd[c], gw, sum_g, count);
@@ -355,9 +365,10 @@ void grad_y_with_pack(const T* grad_out, const T* out, const T* grad_residual, c
   const unsigned blocks = elementwise_blocks(packs);
   auto m = static_cast<const acc_t*>(mean);
   auto k = static_cast<const BnBackwardCoefs<acc_t>*>(coefs);
-#define RESNET_FAST_LAUNCH_GRAD_Y(RELU, FROM_RES)                                                                 \
-  bn_act_backward_grad_y_kernel<T, kVec, kChannelsLast, RELU, FROM_RES><<<blocks, kElementwiseThreads, 0, stream>>>( \
-      grad_out, out, grad_residual, y, m, k, grad_y, packs, shape.channels, shape.spatial)
+#define RESNET_FAST_LAUNCH_GRAD_Y(RELU, FROM_RES)                                                              \
+  launch_kernel<bn_act_backward_grad_y_kernel<T, kVec, kChannelsLast, RELU, FROM_RES>>(                          \
+      blocks, kElementwiseThreads, stream, grad_out, out, grad_residual, y, m, k, grad_y, packs, shape.channels, \
+      shape.spatial)
   if (grad_residual) RESNET_FAST_LAUNCH_GRAD_Y(false, true);  // the mask is already in g
   else if (relu) RESNET_FAST_LAUNCH_GRAD_Y(true, false);
   else RESNET_FAST_LAUNCH_GRAD_Y(false, false);
@@ -414,6 +425,7 @@ size_t batch_stats_workspace_bytes(DType dtype, ActivationShape shape) {
 
 void launch_bn_act_forward(DType dtype, const void* y, const void* scale, const void* shift, const void* residual,
                            void* out, ActivationShape shape, bool relu, cudaStream_t stream) {
+  if (shape.batch * shape.channels * shape.spatial == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     forward_typed<decltype(tag)>(y, scale, shift, residual, out, shape, relu, stream);
   });
@@ -421,6 +433,7 @@ void launch_bn_act_forward(DType dtype, const void* y, const void* scale, const 
 
 void launch_batch_stats_partials(DType dtype, const void* y, void* workspace, ActivationShape shape,
                                  cudaStream_t stream) {
+  if (shape.channels == 0 || shape.batch * shape.spatial == 0) return;  // finalize then merges no partials
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = StatsOp<T>;
@@ -430,13 +443,15 @@ void launch_batch_stats_partials(DType dtype, const void* y, void* workspace, Ac
 
 void launch_batch_stats_finalize(DType dtype, const void* workspace, void* mean, void* var, ActivationShape shape,
                                  cudaStream_t stream) {
-  const int64_t splits = reduction_splits(shape);
+  if (shape.channels == 0) return;
+  // No rows: the partials kernel did not run, so there is nothing to merge (Welford's empty state).
+  const int64_t splits = shape.batch * shape.spatial == 0 ? 0 : reduction_splits(shape);
   const unsigned blocks = static_cast<unsigned>(ceil_div(shape.channels, kElementwiseThreads));
   auto run = [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
-    batch_stats_finalize_kernel<acc_t><<<blocks, kElementwiseThreads, 0, stream>>>(
-        static_cast<const WelfordState<acc_t>*>(workspace), static_cast<acc_t*>(mean), static_cast<acc_t*>(var),
-        splits, shape.channels);
+    launch_kernel<batch_stats_finalize_kernel<acc_t>>(
+        blocks, kElementwiseThreads, stream, static_cast<const WelfordState<acc_t>*>(workspace),
+        static_cast<acc_t*>(mean), static_cast<acc_t*>(var), splits, shape.channels);
   };
   if (dtype == DType::kFloat64) run(double{});
   else run(float{});
@@ -450,6 +465,7 @@ size_t bn_act_backward_workspace_bytes(DType dtype, ActivationShape shape) {
 void launch_bn_act_backward_partials(DType dtype, const void* grad_out, const void* out, const void* y,
                                      const void* mean, void* grad_residual, void* workspace, ActivationShape shape,
                                      bool relu, cudaStream_t stream) {
+  if (shape.channels == 0 || shape.batch * shape.spatial == 0) return;  // finalize then merges no partials
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using acc_t = typename AccOf<T>::type;
@@ -466,16 +482,19 @@ void launch_bn_act_backward_partials(DType dtype, const void* grad_out, const vo
 
 void launch_bn_act_backward_finalize(DType dtype, void* workspace, const void* invstd, const void* weight,
                                      void* grad_weight, void* grad_bias, ActivationShape shape, cudaStream_t stream) {
+  if (shape.channels == 0) return;
   const int64_t splits = reduction_splits(shape);
+  // No rows: the partials kernel did not run, so there is nothing to merge (zero sums).
+  const int64_t merged = shape.batch * shape.spatial == 0 ? 0 : splits;
   const unsigned blocks = static_cast<unsigned>(ceil_div(shape.channels, kElementwiseThreads));
   auto run = [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     auto partials = static_cast<GradSums<acc_t>*>(workspace);
     auto coefs = reinterpret_cast<BnBackwardCoefs<acc_t>*>(partials + splits * shape.channels);
-    bn_act_backward_finalize_kernel<acc_t><<<blocks, kElementwiseThreads, 0, stream>>>(
-        partials, coefs, static_cast<const acc_t*>(invstd), static_cast<const acc_t*>(weight),
-        static_cast<acc_t*>(grad_weight), static_cast<acc_t*>(grad_bias), splits, shape.channels,
-        static_cast<acc_t>(shape.batch * shape.spatial));
+    launch_kernel<bn_act_backward_finalize_kernel<acc_t>>(
+        blocks, kElementwiseThreads, stream, partials, coefs, static_cast<const acc_t*>(invstd),
+        static_cast<const acc_t*>(weight), static_cast<acc_t*>(grad_weight), static_cast<acc_t*>(grad_bias), merged,
+        shape.channels, static_cast<acc_t>(shape.batch * shape.spatial));
   };
   if (dtype == DType::kFloat64) run(double{});
   else run(float{});
@@ -484,6 +503,7 @@ void launch_bn_act_backward_finalize(DType dtype, void* workspace, const void* i
 void launch_bn_act_backward_grad_y(DType dtype, const void* grad_out, const void* out, const void* grad_residual,
                                    const void* y, const void* mean, const void* workspace, void* grad_y,
                                    ActivationShape shape, bool relu, cudaStream_t stream) {
+  if (shape.batch * shape.channels * shape.spatial == 0) return;
   const int64_t splits = reduction_splits(shape);
   auto coefs_of = [&](auto acc_tag) -> const void* {
     using acc_t = decltype(acc_tag);

@@ -5,9 +5,18 @@
 // tensors, allocates outputs and workspaces, and calls one launcher per kernel,
 // checking the launch after each. Per-channel vectors are in the accumulation
 // type: float32, or float64 when the activations are float64.
+//
+// A launcher with nothing to do (C = 0, or no elements) launches nothing: CUDA rejects zero-size
+// grids. An empty reduction (N*H*W = 0, C > 0) still writes its per-channel outputs, as the CPU
+// kernels do: grad_weight = grad_bias = 0, and mean = var = 0 (Welford's empty state; the
+// batch_stats op rejects that case before launching).
 #pragma once
 
+#ifdef RESNET_FAST_CUDA_HOST_SHIM
+#include "cuda/host_shim.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>
