@@ -49,30 +49,84 @@ def conv_bias_act_reference(
     return torch.relu(out) if relu else out
 
 
-# GPU configurations: tensor-core tiles for bf16/fp16 (BLOCK_K 64 = one 128-byte row of
-# channels), smaller ones for thin layers (C_out/groups <= 64, ResNeXt groups, the stem).
-GPU_CONFIGS = [
+
+# GPU configurations, one family per dot precision, each sized for sm_90 (H200: 227 KiB shared memory
+# per block, 255 registers per thread) so no tile spills (benchmarks/triton_sm90_check.py checks it).
+# 4-warp tiles take BLOCK_K 32: at 64 they spill (the A and B tiles' per-element 64-bit pointers live
+# in registers too); only 8-warp tiles keep BLOCK_K 64.
+# bf16 / fp16 on tensor cores (BLOCK_K 64 = one 128-byte row of channels); the last one, BLOCK_K 16,
+# is the stem's (3 input channels).
+HALF_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=4, num_warps=4),
 ]
-#: Smallest BLOCK_M of any tile (GPU or interpreter): sizes the partial-statistics buffers.
-MIN_BLOCK_M = 16
+# fp32 with TF32 (tensor cores), PyTorch's default for cuDNN convolutions, which the host follows:
+# operands twice as wide as bf16's, so half the BLOCK_K.
+TF32_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+# fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False, as in the tests): an FMA dot whose
+# operand slices live in registers, so BLOCK_K 16 and at most 64 accumulators per thread.
+IEEE_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=2, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+
+
+def _tile(config):
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+# The autotuner's list: every family, each tile once (a tile in two families is timed once).
+GPU_CONFIGS = list({_tile(c): c for c in HALF_CONFIGS + TF32_CONFIGS + IEEE_CONFIGS}.values())
+
+
+def config_family(named_args, kwargs):
+    """The configs for this launch's dot: by the input dtype and ``DOT_IEEE`` (absent when called from
+    :func:`untuned_config`, which then reads the same TF32 setting the host does)."""
+    if named_args["x_ptr"].dtype != torch.float32:
+        return HALF_CONFIGS
+    dot_ieee = kwargs.get("DOT_IEEE")
+    if dot_ieee is None:
+        dot_ieee = not _common.conv_allows_tf32()
+    return IEEE_CONFIGS if dot_ieee else TF32_CONFIGS
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the layer (wasted MMA work), keeping at least one config."""
+    """The dot's family in its own order (untuned_config runs the first), matched by tile rather than
+    identity in case a caller copied the configs, less tiles far wider than the layer (wasted MMA work),
+    keeping at least one config."""
+    by_tile = {_tile(c): c for c in configs}
+    candidates = [by_tile[_tile(c)] for c in config_family(named_args, kwargs) if _tile(c) in by_tile]
+    candidates = candidates or list(configs)
     channels_in = named_args["in_channels_per_group"]
     channels_out = named_args["out_channels_per_group"]
-    kept = [c for c in configs
+    kept = [c for c in candidates
             if c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(channels_in))
             and c.kwargs["BLOCK_N"] <= max(32, 2 * triton.next_power_of_2(channels_out))]
-    return kept or configs[-1:]
+    return kept or candidates[-1:]
+
+
+#: Smallest BLOCK_M of any tile (GPU or interpreter): sizes the partial-statistics buffers.
+MIN_BLOCK_M = 16
 
 
 @triton.jit
