@@ -104,6 +104,11 @@ def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optiona
     # oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps it, so the ReLU runs after, in place.
     if residual is None:
         out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [None], "")
+    elif residual.shape[-2:] == (1, 1):
+        # torch < 2.14 fails the binary post-op on 1x1 outputs ("could not create a memory"); one pixel
+        # per channel costs nothing to add separately.
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [None], "")
+        out.add_(residual)
     else:
         residual = residual.contiguous(memory_format=torch.channels_last)
         out = torch.ops.mkldnn._convolution_pointwise.binary(

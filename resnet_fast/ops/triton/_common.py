@@ -73,9 +73,23 @@ def define_op(name: str, fake: Optional[Callable] = None) -> Callable[[Callable]
     return decorate
 
 
+def _interpreted_kernel(kernel: Any) -> bool:
+    """Whether ``kernel`` (or the kernel an autotuner or heuristics wraps) was decorated under ``TRITON_INTERPRET=1``."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
+
+
 def launcher(kernel: Any) -> Any:
-    """``wrap_triton(kernel)`` where it exists, so tracing sees the launch; the kernel itself otherwise."""
-    if HAS_TRITON_OP:
+    """``wrap_triton(kernel)`` where it exists, so tracing sees the launch; the kernel itself otherwise.
+
+    An interpreted kernel launches as it is: ``wrap_triton`` rejects it before torch 2.14
+    ("only works on functions annotated with triton.jit"), and returns it unwrapped from 2.14 on.
+    """
+    if HAS_TRITON_OP and not _interpreted_kernel(kernel):
         return torch.library.wrap_triton(kernel)
     return kernel
 
