@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: build the extension, run the CUDA and Triton tests, `resnet-fast bench --device cuda`
-# (ResNet-50, bf16, channels_last, batch 256: eager, torch.compile and every backend) and the block
-# benchmarks, and write a report.
+# (ResNet-50, bf16, channels_last, batch 256: eager and every backend, then eager and torch.compile) and
+# the block benchmarks, and write a report.
 #
 # Made for a lent GPU machine (torch installed, no network, 16 cores) and its first 8 minutes: every
 # step runs under `timeout` with its own budget, all of them under one deadline (470 s), a failed step
@@ -14,14 +14,15 @@
 #   bash benchmarks/gpu_check.sh --dry-run       # anywhere (CPU): check this script and run tiny CPU versions
 #                                                # of each step, into a temporary folder unless --out is given
 #
-# What it writes (7 files, at most 2 folders deep, each log cut to 2 MiB):
+# What it writes (8 files, at most 2 folders deep, each log cut to 2 MiB):
 #   DIR/<date>-<gpu>.md, DIR/<date>-<gpu>.json      the report (DIR defaults to benchmarks/results)
-#   DIR/raw/steps.tsv, logs.txt, tests.xml, benchmarks.jsonl, bench-cli.json
+#   DIR/raw/steps.tsv, logs.txt, tests.xml, benchmarks.jsonl, bench-cli.json, bench-compile.json
 # and prints the report (cut to 9,000 characters) and the tail of any step that failed.
 #
 # Budgets (seconds), estimated from CPU runs of the same steps (benchmarks/NOTES.md, "GPU check budgets"):
-#   build 120 (16 jobs), tests 150 (Triton autotuning off except in the autotune tests), bench-cli 130,
-#   bench-blocks 60 (whatever fits: one JSON line each), summary 10; deadline 470 < 480.
+#   build 120 (16 jobs), tests 150 (Triton autotuning off except in the autotune tests), bench-cli 100,
+#   bench-compile 90, bench-blocks 60 (whatever is left: one JSON line each), summary 10; deadline 470 < 480.
+#   The two bench steps are separate so that torch.compile running long cannot cost the backends' numbers.
 # Environment: PYTHON (default python3), BUDGET_SCALE (multiply every budget and the deadline, e.g. 2),
 # MAX_JOBS (build parallelism, default: every core).
 
@@ -77,9 +78,10 @@ LOGS="$RAW/logs.txt"
 TESTS_XML="$RAW/tests.xml"
 BENCH_JSONL="$RAW/benchmarks.jsonl"
 CLI_JSON="$RAW/bench-cli.json"
+COMPILE_JSON="$RAW/bench-compile.json"
 : > "$STEPS_TSV"
 : > "$LOGS"
-rm -f "$TESTS_XML" "$BENCH_JSONL" "$CLI_JSON"
+rm -f "$TESTS_XML" "$BENCH_JSONL" "$CLI_JSON" "$COMPILE_JSON"
 STEP_LOG="$(mktemp -t gpu_check_step.XXXXXX)"
 trap 'rm -f "$STEP_LOG"' EXIT
 
@@ -138,6 +140,9 @@ if [[ $DRY_RUN -eq 1 ]]; then
     echo "(dry run) would run: resnet-fast bench --device cuda --model resnet50 --batch-size 256 --dtype bfloat16 ..."
     run_step bench-cli "$(budget 120)" "$PYTHON" -m resnet_fast.bench --device cpu --model resnet18 --batch-size 2 \
         --image-size 32 --iterations 1 --warmup 0 --peers none --backend all --json "$CLI_JSON"
+    echo "(dry run) would run: resnet-fast bench --device cuda ... --backend auto --peers compile"
+    run_step bench-compile "$(budget 120)" "$PYTHON" -m resnet_fast.bench --device cpu --model resnet18 \
+        --batch-size 2 --image-size 32 --iterations 1 --warmup 0 --peers jit --backend auto --json "$COMPILE_JSON"
     # 4. the block benchmarks: one shape, CPU, batch 1.
     echo "(dry run) would run: pytest benchmarks/test_bench_blocks.py --benchmark-only (one JSON line each)"
     run_step bench-blocks "$(budget 120)" env RESNET_FAST_BENCH_DEVICE=cpu RESNET_FAST_BENCH_BLOCK_BATCH=1 \
@@ -152,17 +157,22 @@ else
     #    per layer) except in the tests of the autotuned conv, which turn it back on.
     run_step tests "$(budget 150)" env -u TRITON_INTERPRET RESNET_FAST_TRITON_AUTOTUNE=off \
         "$PYTHON" -m pytest -m "cuda or triton" tests "${TEST_ARGS[@]}"
-    # 3. the main job: ResNet-50 eval, batch 256, bf16, channels_last; eager, torch.compile, every backend.
-    #    (torch.compile max-autotune tunes every convolution: minutes more than this first run has.)
-    run_step bench-cli "$(budget 130)" env -u TRITON_INTERPRET "$PYTHON" -m resnet_fast.bench --device cuda \
+    # 3. the main job: ResNet-50 eval, batch 256, bf16, channels_last; eager and every backend (the Triton
+    #    backend autotunes and selects per layer on its first pass: that is its first-output time).
+    run_step bench-cli "$(budget 100)" env -u TRITON_INTERPRET "$PYTHON" -m resnet_fast.bench --device cuda \
         --model resnet50 --batch-size 256 --dtype bfloat16 --memory-format channels_last --backend all \
-        --peers compile --compile-mode default --iterations 20 --warmup 5 --json "$CLI_JSON"
-    # 4. the block benchmarks at the ResNet-50 stage shapes (bf16, channels_last, batch 128), as many as fit.
+        --peers none --iterations 20 --warmup 5 --json "$CLI_JSON"
+    # 4. the same workload against torch.compile (default mode; max-autotune tunes every convolution and
+    #    takes minutes more than a first run has: `--compile-mode max-autotune` on a later one).
+    run_step bench-compile "$(budget 90)" env -u TRITON_INTERPRET "$PYTHON" -m resnet_fast.bench --device cuda \
+        --model resnet50 --batch-size 256 --dtype bfloat16 --memory-format channels_last --backend auto \
+        --peers compile --compile-mode default --iterations 20 --warmup 5 --json "$COMPILE_JSON"
+    # 5. the block benchmarks at the ResNet-50 stage shapes (bf16, channels_last, batch 128), as many as fit.
     run_step bench-blocks "$(budget 60)" env -u TRITON_INTERPRET RESNET_FAST_BENCH_JSONL="$BENCH_JSONL" \
         "$PYTHON" -m pytest benchmarks/test_bench_blocks.py -p no:cacheprovider -q --benchmark-only
 fi
 
-# 5. the report: <stem>.json and <stem>.md from the raw files, printed for the machine's reply.
+# 6. the report: <stem>.json and <stem>.md from the raw files, printed for the machine's reply.
 echo "== summary"
 if ! timeout "$(budget 30)" "$PYTHON" benchmarks/gpu_check_report.py --raw "$RAW" --stem "$STEM" --print; then
     echo "gpu_check: the report could not be written (raw files in $RAW)"

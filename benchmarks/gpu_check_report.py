@@ -6,7 +6,7 @@ the report of a partial run is still worth committing):
 * ``steps.tsv``: one line per step (name, verdict, exit status, seconds, command, budget);
 * ``tests.xml``: pytest's JUnit XML of the CUDA/Triton tests;
 * ``benchmarks.jsonl``: one pytest-benchmark entry per line, appended as each benchmark finished;
-* ``bench-cli.json``: ``resnet-fast bench --json``.
+* ``bench-cli.json``, ``bench-compile.json``: ``resnet-fast bench --json`` (backends; torch.compile).
 
 Usage::
 
@@ -107,6 +107,30 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _bench_table(cli: dict[str, Any]) -> list[str]:
+    lines = ["", f"## `resnet-fast bench`: {cli['model']} {cli['mode']}, batch {cli['batch_size']}, "
+                 f"{cli['image_size']}px, {cli['dtype']}", "",
+             f"FastResNet vs torchvision: max abs error {cli['max_abs_error']:.2e}, "
+             f"relative {cli['relative_error']:.2e}", "",
+             "| provider | ms/batch | images/s | vs eager | first output (s) |", "| --- | --- | --- | --- | --- |"]
+    for row in cli["results"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['label']} | {row['status']}: {row['note']} | | | |")
+            continue
+        lines.append(f"| {row['label']} | {row['ms_per_batch']:.2f} | {row['images_per_s']:.1f} | "
+                     f"{_fmt(row['speedup_vs_eager'], '.2f')}x | {_fmt(row['first_output_s'], '.1f')} |")
+    return lines
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A bench command's JSON, or {} when the step wrote none (failed, or cut off by its budget)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
 def markdown(summary: dict[str, Any]) -> str:
     machine = summary["machine"]
     lines = [f"# GPU check {summary['date'][:10]}: {machine['gpu'] or machine['cpu']}", "",
@@ -129,19 +153,9 @@ def markdown(summary: dict[str, Any]) -> str:
                 lines.append(f"- ... and {len(tests['failures']) - 40} more (tests.xml)")
             lines += ["", "slowest: " + ", ".join(f"{t['test'].split('::')[-1]} {t['seconds']:.0f} s"
                                                   for t in tests["slowest"][:5])]
-    cli = summary["bench_cli"]
-    if cli:
-        lines += ["", f"## `resnet-fast bench`: {cli['model']} {cli['mode']}, batch {cli['batch_size']}, "
-                      f"{cli['image_size']}px, {cli['dtype']}", "",
-                  f"FastResNet vs torchvision: max abs error {cli['max_abs_error']:.2e}, "
-                  f"relative {cli['relative_error']:.2e}", "",
-                  "| provider | ms/batch | images/s | vs eager | first output (s) |", "| --- | --- | --- | --- | --- |"]
-        for row in cli["results"]:
-            if row["status"] != "ok":
-                lines.append(f"| {row['label']} | {row['status']}: {row['note']} | | | |")
-                continue
-            lines.append(f"| {row['label']} | {row['ms_per_batch']:.2f} | {row['images_per_s']:.1f} | "
-                         f"{_fmt(row['speedup_vs_eager'], '.2f')}x | {_fmt(row['first_output_s'], '.1f')} |")
+    for cli in (summary["bench_cli"], summary["bench_compile"]):
+        if cli:
+            lines += _bench_table(cli)
     groups = summary["benchmarks"]
     if groups:
         lines += ["", "## pytest-benchmark (median)", "",
@@ -159,21 +173,14 @@ def write_report(raw_dir: str, stem: str) -> str:
     """Write ``<stem>.json`` and ``<stem>.md`` from the raw files in ``raw_dir``; returns the Markdown."""
     from resnet_fast.bench import machine_info
 
-    cli_path = os.path.join(raw_dir, "bench-cli.json")
-    cli: dict[str, Any] = {}
-    if os.path.exists(cli_path):
-        try:
-            with open(cli_path) as handle:
-                cli = json.load(handle)
-        except ValueError:
-            cli = {}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_info(device),
         "steps": read_steps(os.path.join(raw_dir, "steps.tsv")),
         "tests": read_tests(os.path.join(raw_dir, "tests.xml")),
-        "bench_cli": cli,
+        "bench_cli": _read_json(os.path.join(raw_dir, "bench-cli.json")),
+        "bench_compile": _read_json(os.path.join(raw_dir, "bench-compile.json")),
         "benchmarks": benchmark_rows(read_benchmark_lines(os.path.join(raw_dir, "benchmarks.jsonl"))),
     }
     text = markdown(summary)

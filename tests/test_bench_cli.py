@@ -181,7 +181,7 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for step in ("build", "tests", "bench-cli", "bench-blocks", "summary"):
+    for step in ("build", "tests", "bench-cli", "bench-compile", "bench-blocks", "summary"):
         assert f"== {step}" in result.stdout, result.stdout
     assert "would run: MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e ." in result.stdout
     assert len(result.stdout) < 12_000  # the GPU machine's reply keeps the last 12,000 characters
@@ -192,9 +192,10 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path: Path) -> None:
     assert len(summaries) == 1, files
     summary = json.loads(summaries[0].read_text())
     assert {s["step"]: s["verdict"] for s in summary["steps"]} == {
-        "build": "ok", "tests": "ok", "bench-cli": "ok", "bench-blocks": "ok"}
+        "build": "ok", "tests": "ok", "bench-cli": "ok", "bench-compile": "ok", "bench-blocks": "ok"}
     assert summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == 0
     assert summary["bench_cli"]["model"] == "resnet18"
+    assert any(row["label"].startswith("torch.jit") for row in summary["bench_compile"]["results"])
     assert any(group.startswith("block-eval:layer4.1.conv2") for group in summary["benchmarks"])
     assert summaries[0].with_suffix(".md").exists()
 
