@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from resnet_fast import _extension
+from resnet_fast.errors import BackendUnavailableError
 
 BACKENDS = ("reference", "extension", "triton")
 ENV_VAR = "RESNET_FAST_BACKEND"
@@ -25,11 +26,8 @@ ENV_VAR = "RESNET_FAST_BACKEND"
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fast_backend", default=None)
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run on the given device."""
-
-
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it is a backend name or ``auto``, else a ValueError listing the choices."""
     if not isinstance(name, str) or name not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
     return name
@@ -46,7 +44,7 @@ def triton_interpreted() -> bool:
 
 def unavailable_reason(name: str, device: Union[str, torch.device, None] = "cpu") -> Optional[str]:
     """None when backend ``name`` can run on ``device``, else why it cannot (one sentence)."""
-    _check_name(name)
+    check_name(name)
     device_type = _device_type(device)
     if device_type not in ("cpu", "cuda"):
         return f"resnet_fast runs on cpu and cuda devices, not {device_type}"
@@ -119,14 +117,14 @@ def is_available(name: str, device: Union[str, torch.device, None] = "cpu") -> b
 def requested_backend(backend: Optional[str] = None) -> str:
     """The backend asked for by argument, context or environment (``auto`` when none)."""
     if backend is not None:
-        return _check_name(backend)
+        return check_name(backend)
     from_context = _context_backend.get()
     if from_context is not None:
         return from_context
     from_env = os.environ.get(ENV_VAR)
     if from_env:
         try:
-            return _check_name(from_env.strip().lower())
+            return check_name(from_env.strip().lower())
         except ValueError as error:
             raise ValueError(f"{ENV_VAR}={from_env!r}: {error}") from None
     return "auto"
@@ -168,7 +166,7 @@ def use_backend(name: str) -> Iterator[str]:
     >>> with resnet_fast.use_backend("reference"):
     ...     out = model(x)
     """
-    token = _context_backend.set(_check_name(name))
+    token = _context_backend.set(check_name(name))
     try:
         yield name
     finally:

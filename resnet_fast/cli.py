@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from resnet_fast.errors import CommandError
+
 # (subcommand, module, help); each module provides add_arguments(parser) and run(args) -> int.
 _COMMANDS = [
     ("bench", "resnet_fast.bench", "time FastResNet against torchvision eager and its peers (the main job)"),
@@ -15,10 +17,6 @@ _COMMANDS = [
     ("eval", "resnet_fast.train.cli_eval", "evaluate a checkpoint: top-1 / top-5 accuracy and images/s"),
     ("info", "resnet_fast.cli", "show versions, backends (available or why not) and how the extension was built"),
 ]
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no traceback unless --debug."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

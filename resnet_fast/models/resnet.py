@@ -297,9 +297,7 @@ class FastResNet(nn.Module):
     def set_backend(self, backend: Optional[str]) -> "FastResNet":
         """Pin every fused unit to ``backend`` (None: follow ``use_backend`` / env / auto)."""
         if backend is not None:
-            from resnet_fast.backends import _check_name
-
-            _check_name(backend)
+            backends.check_name(backend)
         self.backend = backend
         for m in self.modules():
             if isinstance(m, (BasicBlock, Bottleneck)):

@@ -84,10 +84,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if "data" in given and given["data"] not in DATA_SETS:
         raise CommandError(f"unknown data set {given['data']!r}; choose one of {', '.join(DATA_SETS)}")
     if "backend" in given:
-        from resnet_fast.backends import _check_name
+        from resnet_fast.backends import check_name
 
         try:
-            _check_name(given["backend"])
+            check_name(given["backend"])
         except ValueError as error:
             raise CommandError(str(error)) from None
     if args.resume is None:
