@@ -25,7 +25,7 @@ from resnet_fast.models.resnet import (
 from resnet_fast.nn import ConvBNAct
 from resnet_fast.ops import conv_bn_act
 
-__version__ = "0.1.0"
+from resnet_fast._version import __version__
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "is_available", "unavailable_reason", "use_backend",

@@ -24,7 +24,7 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
 
 def _try_import() -> tuple[Optional[ModuleType], Optional[str]]:
     # The op schemas must exist before the library's kernels are registered against them.
-    from resnet_fast.ops import _library  # noqa: F401
+    from resnet_fast import _op_schemas  # noqa: F401
 
     try:
         module = importlib.import_module("resnet_fast._C")

@@ -11,17 +11,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-import os
 import re
 from typing import Iterator, Optional, Union
 
 import torch
 
-from resnet_fast import _extension
+from resnet_fast import _extension, settings
 from resnet_fast.errors import BackendUnavailableError
 
 BACKENDS = ("reference", "extension", "triton")
-ENV_VAR = "RESNET_FAST_BACKEND"
+ENV_VAR = settings.setting("backend").env
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("resnet_fast_backend", default=None)
 
@@ -37,9 +36,7 @@ def _device_type(device: Union[str, torch.device, None]) -> str:
     return torch.device(device if device is not None else "cpu").type
 
 
-def triton_interpreted() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+triton_interpreted = settings.triton_interpreted
 
 
 def unavailable_reason(name: str, device: Union[str, torch.device, None] = "cpu") -> Optional[str]:
@@ -121,13 +118,7 @@ def requested_backend(backend: Optional[str] = None) -> str:
     from_context = _context_backend.get()
     if from_context is not None:
         return from_context
-    from_env = os.environ.get(ENV_VAR)
-    if from_env:
-        try:
-            return check_name(from_env.strip().lower())
-        except ValueError as error:
-            raise ValueError(f"{ENV_VAR}={from_env!r}: {error}") from None
-    return "auto"
+    return settings.value("backend")
 
 
 def auto_backend(device: Union[str, torch.device, None]) -> str:

@@ -67,7 +67,7 @@ def test_no_pool_off_cpu_or_when_turned_off(monkeypatch):
     monkeypatch.setenv(activation_pool.ENV_VAR, "off")
     assert not pool.applies(INPUT)
     monkeypatch.setenv(activation_pool.ENV_VAR, "sometimes")
-    with pytest.raises(ValueError, match="RESNET_FAST_CPU_ACTIVATION_POOL must be 1 or 0"):
+    with pytest.raises(ValueError, match="RESNET_FAST_CPU_ACTIVATION_POOL must be one of 1, 0"):
         pool.applies(INPUT)
 
 

@@ -185,9 +185,10 @@ def test_blocked_layout_round_trip():
 
 
 def test_env_var_is_validated(monkeypatch):
-    monkeypatch.setenv(blocked.ENV_VAR, "yes")
-    with pytest.raises(ValueError, match="RESNET_FAST_CPU_BLOCKED must be auto, 1 or 0"):
-        blocked.enabled()
+    monkeypatch.setenv("RESNET_FAST_CPU_BLOCKED", "yes")
+    _, fast = _models("resnet18")
+    with torch.no_grad(), pytest.raises(ValueError, match="RESNET_FAST_CPU_BLOCKED must be one of auto, 1, 0; got 'yes'"):
+        fast(torch.randn(1, 3, 32, 32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,14 +207,16 @@ def _models(arch: str, **kwargs):
 
 
 def _count_blocked_units(monkeypatch) -> list:
+    """Patches the blocked kernels to count their calls (the plan looks them up when it runs them)."""
     calls = []
-    original = blocked.conv_bias_act
+    for name in ("direct_unit", "winograd_unit"):
+        original = getattr(blocked, name)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+        def counting(*args, original=original, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(blocked, "conv_bias_act", counting)
+        monkeypatch.setattr(blocked, name, counting)
     return calls
 
 
@@ -225,9 +228,10 @@ def test_fastresnet_blocked_stages_match_float64_and_channels_last(arch, units, 
         ref64 = tv.double()(x.double())
         tv.float()
         stock = tv(x)
-        monkeypatch.setenv(blocked.ENV_VAR, "0")
+        monkeypatch.setenv("RESNET_FAST_CPU_BLOCKED", "0")
         channels_last = fast(x)
-        monkeypatch.setenv(blocked.ENV_VAR, "1")
+        monkeypatch.setenv("RESNET_FAST_CPU_BLOCKED", "1")
+        fast.explain(x)  # plans (and times kernels) before the count starts
         calls = _count_blocked_units(monkeypatch)
         out = fast(x)
         features = fast.forward_features(x)
@@ -248,7 +252,7 @@ def _hooked(fast):
 def test_fastresnet_falls_back_to_channels_last(case, monkeypatch):
     """Wherever the blocked stages could not give what calling the stages gives, they are skipped."""
     tv, fast = _models("resnext50_32x4d" if case == "groups" else "resnet18")
-    monkeypatch.setenv(blocked.ENV_VAR, "0" if case == "env-off" else "1")
+    monkeypatch.setenv("RESNET_FAST_CPU_BLOCKED", "0" if case == "env-off" else "1")
     x = torch.randn(2, 3, 32, 32)
     seen = _hooked(fast) if case == "hook" else None
     if case == "train":

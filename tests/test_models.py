@@ -76,7 +76,7 @@ def test_eval_compiles_as_one_graph(backend):
         torch._dynamo.reset()
         out = torch.compile(fast, fullgraph=True, backend=record_ops)(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    if backend == "extension" and resnet_fast.ops.extension.cpu_conv3x3_algorithm() == "winograd":
+    if backend == "extension" and resnet_fast.settings.value("cpu_conv3x3") != "onednn":
         assert "resnet_fast.winograd_conv3x3" in graph_ops, " ".join(sorted(graph_ops))
 
 

@@ -12,6 +12,7 @@ from tests.numerics import assert_tolerance, poison_allocator
 if _extension.extension() is None:
     pytest.skip(f"extension not built: {_extension.load_error()}", allow_module_level=True)
 
+from resnet_fast.ops import cpu_select, trace  # noqa: E402
 from resnet_fast.ops import extension as ext  # noqa: E402
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv  # noqa: E402
 
@@ -156,15 +157,29 @@ def test_winograd_weight_cache_follows_in_place_weight_edits(monkeypatch):
 def test_conv3x3_algorithm_setting_is_validated(monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "fft")
     with pytest.raises(ValueError, match="RESNET_FAST_CPU_CONV3X3 must be one of auto, winograd, onednn; got 'fft'"):
-        ext.cpu_conv3x3_algorithm()
+        ext.choose_conv3x3(torch.randn(1, 8, 6, 6), _folded(), None, True)
 
 
-def test_auto_leaves_avx512_cpus_to_onednn(monkeypatch):
+@pytest.mark.parametrize("faster", ["winograd", "onednn"])
+def test_auto_runs_the_kernel_measured_faster(faster, monkeypatch):
+    """``auto`` follows the measured times, whatever the ISA: no rule picks a kernel for a CPU."""
     monkeypatch.delenv("RESNET_FAST_CPU_CONV3X3", raising=False)
-    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", True)
-    assert ext.cpu_conv3x3_algorithm() == "onednn"
-    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", False)
-    assert ext.cpu_conv3x3_algorithm() == "winograd"
-    monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "winograd")
-    monkeypatch.setattr(ext, "_CPU_HAS_AVX512", True)
-    assert ext.cpu_conv3x3_algorithm() == "winograd", "an explicit setting must win over the CPU check"
+    timed = []
+
+    def fake_seconds(key, run):
+        timed.append(key.split()[0])
+        run()  # the candidate must run: it is what is being timed
+        return 1.0 if key.startswith(faster) else 2.0
+
+    monkeypatch.setattr(cpu_select, "seconds", fake_seconds)
+    folded, x = _folded(), torch.randn(2, 8, 9, 10)
+    kernel, why = ext.choose_conv3x3(x, folded, None, True)
+    assert (kernel, sorted(timed)) == (faster, ["onednn", "winograd"]), (kernel, timed, why)
+    assert why.startswith(f"measured: {faster} 1000.00 ms"), why
+    with torch.no_grad(), trace.recording() as ran:
+        out = ext.conv_bias_act(x, folded, None, True)
+    assert [kernel for kernel, _ in ran] == [faster], ran
+    torch.testing.assert_close(out, torch.relu(F.conv2d(x, folded.weight, folded.bias, padding=1)))
+    monkeypatch.setenv("RESNET_FAST_CPU_CONV3X3", "onednn" if faster == "winograd" else "winograd")
+    forced, why = ext.choose_conv3x3(x, folded, None, True)
+    assert forced != faster and why.startswith("RESNET_FAST_CPU_CONV3X3="), "an explicit setting must win"

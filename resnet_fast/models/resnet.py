@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from resnet_fast import backends
+from resnet_fast.models import plan as _plan
 from resnet_fast.models import weights as _weights  # torchvision's weights enums, imported only when asked for
-from resnet_fast.nn.fused import clear_fold_cache, conv_bn_unit, folded_conv, folds, norm_kind
-from resnet_fast.ops import blocked
+from resnet_fast.nn.fused import clear_fold_cache, conv_bn_unit, norm_kind
 from resnet_fast.ops.activation_pool import ActivationPool
 
 __all__ = ["FastResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -58,26 +58,6 @@ def _identity(x: Tensor, downsample: Optional[nn.Module], backend: Optional[str]
     if downsample is None:
         return x
     return conv_bn_unit(x, downsample[0], downsample[1], relu=False, backend=backend)
-
-
-def _blocked_unit(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: Optional[Tensor] = None,
-                  relu: bool = True) -> Tensor:
-    """:func:`conv_bn_unit` in eval mode, on activations in 8-channel blocks (``resnet_fast.ops.blocked``).
-    A residual may be overwritten by the result: the trunk's block inputs are its own."""
-    return blocked.conv_bias_act(x, folded_conv(conv, bn, torch.float32), residual, relu, overwrite_residual=True)
-
-
-def _blocked_identity(x: Tensor, downsample: Optional[nn.Module]) -> Tensor:
-    return x if downsample is None else _blocked_unit(x, downsample[0], downsample[1], relu=False)
-
-
-def _block_units(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """The (conv, bn) pairs of a residual block, downsample included."""
-    names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
-    units = [(getattr(block, name), getattr(block, "bn" + name[-1])) for name in names]
-    if block.downsample is not None:
-        units.append((block.downsample[0], block.downsample[1]))
-    return units
 
 
 class BasicBlock(nn.Module):
@@ -126,12 +106,6 @@ class BasicBlock(nn.Module):
         out = self.relu(out)
         return out
 
-    def _forward_blocked(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
-        FastResNet's trunk only: ``x`` may be overwritten (it can become the output)."""
-        identity = _blocked_identity(x, self.downsample)
-        out = _blocked_unit(x, self.conv1, self.bn1)
-        return _blocked_unit(out, self.conv2, self.bn2, residual=identity)
 
 
 class Bottleneck(nn.Module):
@@ -183,13 +157,6 @@ class Bottleneck(nn.Module):
         out = self.relu(out)
         return out
 
-    def _forward_blocked(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in eval mode on CPU float32 activations in 8-channel blocks, for
-        FastResNet's trunk only: ``x`` may be overwritten (it can become the output)."""
-        identity = _blocked_identity(x, self.downsample)
-        out = _blocked_unit(x, self.conv1, self.bn1)
-        out = _blocked_unit(out, self.conv2, self.bn2)
-        return _blocked_unit(out, self.conv3, self.bn3, residual=identity)
 
 
 class FastResNet(nn.Module):
@@ -329,18 +296,20 @@ class FastResNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"FastResNet expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
         with self.activation_pool.scope(x):
-            x = conv_bn_unit(x, self.conv1, self.bn1, relu=True, backend=self.backend)
-            if self._runs_blocked(x):
-                x = blocked.max_pool_to_blocked(x, self.maxpool)
-                for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-                    for block in layer:
-                        x = block._forward_blocked(x)
-                return blocked.from_blocked(x)
-            x = self.maxpool(x)
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
-            return self.layer4(x)
+            if torch.compiler.is_compiling():  # the compiler traces the modules; no plan is timed or kept
+                return _plan.per_call_features(self, x)
+            return _plan.plan_for(self, x).run(self, x)
+
+    def explain(self, x: Tensor) -> "_plan.ExecutionPlan":
+        """The execution plan ``self(x)`` runs in the current context (grad mode, autocast, settings):
+        every unit's input shape, kernel and why (the measured times, or the rule). ``print`` it.
+
+        >>> print(model.eval().explain(torch.randn(8, 3, 224, 224)))
+        """
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"explain expects images of shape (N, 3, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        return _plan.explain(self, x)
 
     def _stock_features(self, x: Tensor) -> Tensor:
         """torchvision's ``ResNet._forward_impl`` up to ``layer4``, module for module."""
@@ -353,37 +322,6 @@ class FastResNet(nn.Module):
         x = self.layer3(x)
         x = self.layer4(x)
         return x
-
-    def _runs_blocked(self, x: Tensor) -> bool:
-        """Whether the residual stages can run on 8-channel blocks (``resnet_fast.ops.blocked``)
-        with the same result as calling them: CPU float32 inference on the extension backend,
-        every unit folded, supported shapes, a stock max-pool, and no hooks on a module it skips."""
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4):
-            return False
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu") or not blocked.available():
-            return False
-        if not blocked.enabled():
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return False
-        if (type(self.maxpool) not in (nn.MaxPool2d, nn.Identity) or self.maxpool._forward_hooks
-                or self.maxpool._forward_pre_hooks):
-            return False
-        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        for layer in layers:
-            if not isinstance(layer, nn.Sequential) or layer._forward_hooks or layer._forward_pre_hooks:
-                return False
-            for block in layer:
-                if type(block) not in (BasicBlock, Bottleneck) or block._forward_hooks or block._forward_pre_hooks:
-                    return False
-                if backends.resolve(block.backend, x.device) != "extension":
-                    return False
-                for conv, bn in _block_units(block):
-                    if not folds(bn) or conv.weight.dtype != torch.float32 or not blocked.conv_supported(conv):
-                        return False
-        return self.layer1[0].conv1.in_channels == x.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)

@@ -15,19 +15,17 @@ modes, any other norm unfused through its own module.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from resnet_fast import ops
+from resnet_fast import ops, settings
+from resnet_fast.ops import reference, sync_bn, trace
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, tensor_version
 
 _CACHE_ATTR = "_resnet_fast_fold"
-WEIGHT_CHECK_ENV = "RESNET_FAST_WEIGHT_CHECK"
-WEIGHT_CHECKS = ("content", "version")
 
 
 def weight_check() -> str:
@@ -38,10 +36,7 @@ def weight_check() -> str:
     ``.data`` are seen too. ``version``: version counters, identity, dtype and shape only; faster,
     but an edit through ``.data`` then needs ``model.refresh()``.
     """
-    value = os.environ.get(WEIGHT_CHECK_ENV, "content").strip().lower()
-    if value not in WEIGHT_CHECKS:
-        raise ValueError(f"{WEIGHT_CHECK_ENV} must be one of {', '.join(WEIGHT_CHECKS)}; got {value!r}")
-    return value
+    return settings.value("weight_check")
 
 
 def _frozen_batch_norm_type() -> Optional[type]:
@@ -189,21 +184,22 @@ def conv_bn_unit(
     """
     kind = norm_kind(bn)
     if kind == "unfused":
+        trace.record("stock", f"{type(bn).__name__} is not fused: the stock modules run")
         return _stock_unit(x, conv, bn, residual, relu)
     x, weight, conv_bias, residual = ops.autocast_inputs(x, conv.weight, conv.bias, residual)
     if not folds(bn):
         geometry = geometry_of(conv)
         ops.check_unit_inputs(x, weight, {"bn_weight": bn.weight}, residual, geometry)
         # Sync-BN (resnet_fast.train.distributed.enable_sync_bn): statistics over all processes.
-        group = bn.__dict__.get("resnet_fast_process_group") if bn.training else None
-        if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            from resnet_fast.ops.reference import conv2d
-            from resnet_fast.train.distributed import sync_bn_act_train
-
-            return sync_bn_act_train(conv2d(x, weight, conv_bias, geometry), bn, residual, relu, group)
+        group = bn.__dict__.get(sync_bn.SYNC_BN_ATTR) if bn.training else None
+        synced = group is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
         update = bn.training and bn.track_running_stats and bn.running_mean is not None
         factor = ops.momentum_factor(bn.momentum, bn.num_batches_tracked) if update else 0.0
         stats = (bn.running_mean, bn.running_var) if update else (None, None)
+        if synced:
+            trace.record("vendor+sync_bn", "sync-BN: vendor conv, then statistics all-reduced over the process group")
+            y = reference.conv2d(x, weight, conv_bias, geometry)
+            return sync_bn.sync_bn_act_train(y, bn.weight, bn.bias, *stats, factor, bn.eps, residual, relu, group)
         return ops.conv_bn_act_train(x, weight, conv_bias, geometry, bn.weight, bn.bias, *stats, factor, bn.eps,
                                      residual, relu, backend)
     folded = folded_conv(conv, bn, x.dtype)

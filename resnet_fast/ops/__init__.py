@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from types import ModuleType
 from typing import Optional, Sequence, Union
 
 import torch
 
 from resnet_fast import backends
+from resnet_fast.ops import trace
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, fold_conv_bn, pair
 
 __all__ = ["conv_bn_act", "conv_bias_act", "bn_act_train", "fold_conv_bn", "ConvGeometry", "FoldedConv",
@@ -34,9 +36,10 @@ _loaded: dict[str, ModuleType] = {}
 
 def backend_module(name: str) -> ModuleType:
     """The module implementing backend ``name`` (``conv_bias_act`` and ``bn_act_train``), imported once."""
-    module = _loaded.get(name)
+    module = _loaded.get(name) or sys.modules.get(_MODULES[name])  # torch.compile traces a sys.modules look-up
     if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
+    _loaded[name] = module
     return module
 
 
@@ -56,7 +59,7 @@ def content_fingerprint(tensors: Sequence[torch.Tensor]) -> int:
 
     Equivalent PyTorch (slower, same purpose): ``hash(tuple(t.numpy().tobytes() for t in tensors))``.
     """
-    from resnet_fast.ops import _library  # noqa: F401  (schema)
+    from resnet_fast import _op_schemas  # noqa: F401  (schema)
 
     return torch.ops.resnet_fast.content_fingerprint(list(tensors))
 
@@ -205,7 +208,17 @@ def conv_bias_act(
     name = backends.resolve(backend, x.device)
     if x.shape[0] == 0:
         name = "reference"  # nothing to compute; the stock ops return the empty result
-    return backend_module(name).conv_bias_act(x, folded, residual, relu)
+    before = trace.recorded()
+    out = backend_module(name).conv_bias_act(x, folded, residual, relu)
+    _record_backend(before, name)
+    return out
+
+
+def _record_backend(before: int, name: str) -> None:
+    """For an open ``trace.recording()``: the backend's name where its module recorded no kernel."""
+    if trace.recording_open() and trace.recorded() == before:
+        trace.record(name, f"the {name} backend's kernels" + (" (selected per layer, ops/triton/select.py)"
+                                                              if name == "triton" else ""))
 
 
 def bn_act_train(
@@ -315,10 +328,14 @@ def conv_bn_act_train(
     _check_batch_statistics(conv_output_shape(x, weight, geometry))
     name = backends.resolve(backend, x.device)
     module = backend_module(name)
+    before = trace.recorded()
     if hasattr(module, "conv_bn_act_train"):
-        return module.conv_bn_act_train(x, weight, conv_bias, geometry, bn_weight, bn_bias, running_mean,
-                                        running_var, momentum, eps, residual, relu)
-    from resnet_fast.ops.reference import conv2d
+        out = module.conv_bn_act_train(x, weight, conv_bias, geometry, bn_weight, bn_bias, running_mean,
+                                       running_var, momentum, eps, residual, relu)
+    else:
+        from resnet_fast.ops.reference import conv2d
 
-    y = conv2d(x, weight, conv_bias, geometry)
-    return bn_act_train(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu, name)
+        y = conv2d(x, weight, conv_bias, geometry)
+        out = bn_act_train(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu, name)
+    _record_backend(before, name)
+    return out

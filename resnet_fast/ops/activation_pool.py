@@ -26,23 +26,19 @@ Equivalent PyTorch: running the same ops without the pool (torch's CPU allocator
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import ContextManager, Optional
 
 import torch
 from torch import nn
 
-from resnet_fast import _extension
+from resnet_fast import _extension, settings
 
-ENV_VAR = "RESNET_FAST_CPU_ACTIVATION_POOL"
+ENV_VAR = settings.setting("cpu_activation_pool").env
 
 
 def enabled() -> bool:
     """False when ``RESNET_FAST_CPU_ACTIVATION_POOL`` is 0/false/no/off, or the extension is not loaded."""
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    if value not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(f"{ENV_VAR} must be 1 or 0; got {value!r}")
-    return value not in ("0", "false", "no", "off") and _extension.extension() is not None
+    return settings.value("cpu_activation_pool") == "1" and _extension.extension() is not None
 
 
 class ActivationPool:

@@ -6,44 +6,31 @@ channels) is one contiguous run instead of 6 rows C floats apart. On this projec
 the extension's blocked 1x1 convolution is 1.03-1.43x faster than oneDNN's channels_last one per
 ResNet-50 shape, 1.2x summed (``benchmarks/NOTES.md``, CPU kernels 16).
 :class:`~resnet_fast.models.FastResNet` enters the layout in the stem's max-pool
-(:func:`max_pool_to_blocked`) and leaves it after ``layer4``; every residual unit in between runs here:
+(:func:`max_pool_to_blocked`) and leaves it after ``layer4``; every residual unit in between runs
+one of two kernels, each with the folded-BN bias, the residual add and ReLU applied as the output
+is stored:
 
-* 3x3 stride 1: the Winograd kernel (``winograd_conv3x3_blocked``);
-* every other shape (1x1, strided 3x3, the downsample): a direct convolution (``blocked_conv``),
+* :func:`winograd_unit` (3x3 stride 1 only): the Winograd kernel (``winograd_conv3x3_blocked``);
+* :func:`direct_unit` (any supported shape): a direct convolution (``blocked_conv``).
 
-each with the folded-BN bias, the residual add and ReLU applied as the output is stored.
-
-``RESNET_FAST_CPU_BLOCKED=auto|1|0`` (:data:`ENV_VAR`): ``auto`` (the default) uses it wherever
-the Winograd kernel is the CPU's 3x3 algorithm (see
-:func:`resnet_fast.ops.extension.cpu_conv3x3_algorithm`), ``1`` always, ``0`` never.
+Whether a model's residual stages run here or on channels_last tensors is decided by its
+execution plan (``resnet_fast.models.plan``): measured, or forced by ``RESNET_FAST_CPU_BLOCKED=1|0``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from resnet_fast import _extension
-from resnet_fast.ops.extension import _cached_packed_weight, _winograd_packed_weight, cpu_conv3x3_algorithm
+from resnet_fast.ops.extension import _cached_packed_weight, _winograd_packed_weight
 from resnet_fast.ops.folding import FoldedConv
 
-ENV_VAR = "RESNET_FAST_CPU_BLOCKED"
 CHANNEL_BLOCK = 8
 MAX_KERNEL = 7  # blocked_conv's limit
 
 _ops = torch.ops.resnet_fast  # kernels registered when resnet_fast.ops.extension loads resnet_fast._C
-
-
-def enabled() -> bool:
-    """Whether FastResNet's CPU float32 inference runs its residual stages on 8-channel blocks."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value not in ("auto", "1", "0"):
-        raise ValueError(f"{ENV_VAR} must be auto, 1 or 0; got {value!r}")
-    if value == "auto":
-        return cpu_conv3x3_algorithm() == "winograd"
-    return value == "1"
 
 
 def available() -> bool:
@@ -106,23 +93,34 @@ def conv_supported(conv: torch.nn.Conv2d) -> bool:
             and conv.in_channels % CHANNEL_BLOCK == 0 and conv.out_channels % CHANNEL_BLOCK == 0)
 
 
-def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool,
-                  overwrite_residual: bool = False) -> torch.Tensor:
-    """Inference unit on blocked activations: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
+def winograd_shape(conv: torch.nn.Conv2d) -> bool:
+    """Whether :func:`winograd_unit` can run this convolution (3x3, stride 1, padding 1, groups 1)."""
+    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and tuple(conv.padding) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1)
 
-    ``x``, ``residual`` and the result are ``(N, C/8, H, W, 8)`` float32 CPU tensors; packed
-    weights are made once and cached in ``folded.packed``. With ``overwrite_residual`` the direct
-    kernel may store the result in ``residual`` and return it (one output-sized buffer less to
-    read from memory and write back); the caller must own ``residual``. Equivalent PyTorch::
+
+def winograd_unit(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """The Winograd kernel on blocked activations (3x3, stride 1, padding 1), on the channels_last
+    unit's transformed weight (shared with it). Equivalent PyTorch::
+
+        to_blocked(torch.relu(F.conv2d(from_blocked(x), w, b, padding=1) + from_blocked(residual)))
+    """
+    bias = folded.bias.detach().to(torch.float32)
+    return _ops.winograd_conv3x3_blocked(x, _winograd_packed_weight(folded), bias, residual, relu)
+
+
+def direct_unit(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool,
+                overwrite_residual: bool = False) -> torch.Tensor:
+    """The direct convolution on blocked activations (any :func:`conv_supported` shape), packed weights
+    made once and cached in ``folded.packed``. With ``overwrite_residual`` the result may be stored in
+    ``residual`` and returned (one output-sized buffer less to read from memory and write back); the
+    caller must own ``residual``. Equivalent PyTorch::
 
         out = F.conv2d(from_blocked(x), folded.weight, folded.bias, stride, padding)
         to_blocked(torch.relu(out + from_blocked(residual)))
     """
     g = folded.geometry
     bias = folded.bias.detach().to(torch.float32)
-    if tuple(folded.weight.shape[-2:]) == (3, 3) and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1):
-        # The channels_last unit's transformed weight (extension.py), shared with it.
-        return _ops.winograd_conv3x3_blocked(x, _winograd_packed_weight(folded), bias, residual, relu)
     packed = _cached_packed_weight(folded, "blocked", lambda: _ops.blocked_conv_weight(folded.weight.detach()))
     if overwrite_residual and residual is not None and residual.is_contiguous():
         _ops.blocked_conv_add_(x, packed, bias, residual, relu, g.stride[0], g.padding[0])

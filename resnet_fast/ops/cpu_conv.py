@@ -13,14 +13,14 @@ milliseconds) and remembered for the process.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from resnet_fast.ops import conv_output_shape
+from resnet_fast import settings
+from resnet_fast.ops import conv_output_shape, trace
 from resnet_fast.ops.folding import ConvGeometry
 
 ALGORITHMS = ("onednn", "gemm")
@@ -29,6 +29,7 @@ MAX_COLUMN_BYTES = 32 << 20
 TIMED_RUNS = 3
 
 _choices: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
 
 
 def onednn_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -67,12 +68,8 @@ def _gemm_eligible(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry
 
 
 def _forced_algorithm() -> Optional[str]:
-    value = os.environ.get("RESNET_FAST_CPU_CONV", "auto").strip().lower()
-    if value == "auto":
-        return None
-    if value not in ALGORITHMS:
-        raise ValueError(f"RESNET_FAST_CPU_CONV must be one of auto, {', '.join(ALGORITHMS)}; got {value!r}")
-    return value
+    value = settings.value("cpu_conv")
+    return None if value == "auto" else value
 
 
 def _seconds_per_step(conv: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -121,11 +118,28 @@ def choose_algorithm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         timings = {name: _seconds_per_step(conv, x, weight, bias, geometry, grad_out)
                    for name, conv in (("onednn", onednn_conv2d), ("gemm", gemm_conv2d))}
         _choices[key] = min(timings, key=timings.get)
+        _timings[key] = timings
     return _choices[key]
+
+
+def _why(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geometry: ConvGeometry,
+         algorithm: str) -> str:
+    if not _gemm_eligible(x, weight, geometry):
+        return "rule: oneDNN conv (im2col GEMM not eligible for this shape), then the fused BN-train kernels"
+    if _forced_algorithm() is not None:
+        return f"RESNET_FAST_CPU_CONV={algorithm}, then the fused BN-train kernels"
+    timings = _timings.get(_key(x, weight, bias, geometry))
+    if timings is None:
+        return f"rule: {algorithm} (nothing is timed while torch.compile traces)"
+    others = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
+    return f"measured forward + backward: {others}; then the fused BN-train kernels"
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], geometry: ConvGeometry) -> torch.Tensor:
     """``F.conv2d`` for the CPU training unit, by the faster algorithm for this shape (see module doc)."""
-    if choose_algorithm(x, weight, bias, geometry) == "gemm":
+    algorithm = choose_algorithm(x, weight, bias, geometry)
+    if trace.recording_open():
+        trace.record(f"{algorithm}+bn_act_train", _why(x, weight, bias, geometry, algorithm))
+    if algorithm == "gemm":
         return gemm_conv2d(x, weight, bias, geometry)
     return onednn_conv2d(x, weight, bias, geometry)

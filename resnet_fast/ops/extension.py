@@ -1,22 +1,21 @@
 """The ``extension`` backend: the compiled kernels of ``resnet_fast._C`` (CPU and CUDA).
 
-The C++/CUDA side implements the primitive ops (schemas in ``_library.py``);
+The C++/CUDA side implements the primitive ops (schemas in ``resnet_fast/_op_schemas.py``);
 this module composes them into the two units every backend provides, with the
 training unit's autograd: one fused op forward, one fused op backward.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 
-from resnet_fast import _extension
-from resnet_fast.ops import _library  # noqa: F401  (schemas)
+from resnet_fast import _extension, settings
+from resnet_fast import _op_schemas  # noqa: F401  (schemas)
 from resnet_fast.ops import update_running_stats
 from resnet_fast.ops.folding import ConvGeometry, FoldedConv, tensor_version
-from resnet_fast.ops import cpu_conv, reference
+from resnet_fast.ops import cpu_conv, cpu_select, reference, trace
 
 _ops = torch.ops.resnet_fast
 # Loading resnet_fast._C registers its CPU/CUDA kernels for the schemas (never raises; see _extension).
@@ -36,7 +35,6 @@ _mkldnn_unsupported_dtypes: set = set()
 # Facts of this torch build and CPU, read once: torch.compile cannot trace the queries themselves.
 _MKLDNN_AVAILABLE = torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, name)
                                                                   for name in _MKLDNN_OPS)
-_CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _mkldnn_available() -> bool:
@@ -116,31 +114,13 @@ def _conv_bias_act_mkldnn(x: torch.Tensor, folded: FoldedConv, residual: Optiona
     return out.relu_() if relu else out
 
 
-CONV3X3_ALGORITHMS = ("auto", "winograd", "onednn")
-
-
-def cpu_conv3x3_algorithm() -> str:
-    """``"winograd"`` or ``"onednn"``: who runs CPU float32 3x3 stride-1 inference convolutions.
-
-    ``RESNET_FAST_CPU_CONV3X3=winograd|onednn`` forces one. ``auto`` (the default) takes the
-    Winograd kernel (2.25x fewer multiplies, vectorised for AVX2) except where torch reports
-    AVX-512, whose twice-as-wide oneDNN convolution it has not been measured against.
-    """
-    value = os.environ.get("RESNET_FAST_CPU_CONV3X3", "auto").strip().lower()
-    if value not in CONV3X3_ALGORITHMS:
-        raise ValueError(f"RESNET_FAST_CPU_CONV3X3 must be one of {', '.join(CONV3X3_ALGORITHMS)}; got {value!r}")
-    if value == "auto":
-        return "onednn" if _CPU_HAS_AVX512 else "winograd"
-    return value
-
-
-def _winograd_eligible(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor]) -> bool:
+def winograd_shape(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor]) -> bool:
+    """Whether the Winograd kernel can run this unit: CPU float32, 3x3, stride 1, padding 1, groups 1."""
     g, weight = folded.geometry, folded.weight
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and weight.dtype == torch.float32
             and tuple(weight.shape[-2:]) == (3, 3) and weight.shape[1] == x.shape[1]
             and tuple(g.stride) == (1, 1) and tuple(g.padding) == (1, 1) and tuple(g.dilation) == (1, 1)
-            and g.groups == 1 and (residual is None or residual.dtype == torch.float32)
-            and cpu_conv3x3_algorithm() == "winograd")
+            and g.groups == 1 and (residual is None or residual.dtype == torch.float32))
 
 
 def _winograd_packed_weight(folded: FoldedConv) -> torch.Tensor:
@@ -150,36 +130,85 @@ def _winograd_packed_weight(folded: FoldedConv) -> torch.Tensor:
     return _cached_packed_weight(folded, "winograd", lambda: _ops.winograd_weight(folded.weight.detach()))
 
 
+def winograd_unit(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """resnet_fast's Winograd F(2x2, 3x3) kernel, bias + residual + ReLU fused into its output transform;
+    channels_last output. Equivalent PyTorch: ``relu(F.conv2d(x, w, b, padding=1) + residual)``."""
+    bias = folded.bias.detach().to(torch.float32)
+    return _ops.winograd_conv3x3(x, _winograd_packed_weight(folded), bias, residual, relu)
+
+
+def onednn_unit(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """One oneDNN convolution with bias and residual post-ops where oneDNN runs this dtype here, else
+    :func:`epilogue_unit`. Equivalent PyTorch: ``relu(F.conv2d(x, w, b, **geometry) + residual)``."""
+    out = _conv_bias_act_mkldnn(x, folded, residual, relu)
+    return out if out is not None else epilogue_unit(x, folded, residual, relu)
+
+
+def epilogue_unit(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    """The vendor convolution (cuDNN / oneDNN) without bias, then one fused ``bn_act_forward`` pass for
+    bias + residual + ReLU (output in the conv output's format)."""
+    y = reference.conv2d(x, folded.weight, None, folded.geometry)
+    bias = folded.bias.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    return _ops.bn_act_forward(y, None, bias, residual, relu)
+
+
+def choose_conv3x3(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor],
+                   relu: bool) -> tuple[str, str]:
+    """``("winograd" | "onednn", why)`` for a unit :func:`winograd_shape` accepts.
+
+    ``RESNET_FAST_CPU_CONV3X3=winograd|onednn`` forces one; ``auto`` times both once per shape and
+    thread count (``resnet_fast.ops.cpu_select``). While ``torch.compile`` traces, nothing can be
+    timed: a time measured before is used, else the Winograd kernel (an op the compiler can trace).
+    """
+    forced = settings.value("cpu_conv3x3")
+    if forced != "auto":
+        return forced, f"RESNET_FAST_CPU_CONV3X3={forced}"
+    if torch.compiler.is_compiling():
+        return "winograd", "rule: nothing is timed while torch.compile traces"
+    g = folded.geometry
+    keys = {name: cpu_select.signature(name, x.shape, folded.weight.shape, g.stride, g.padding,
+                                       residual is not None, relu) for name in ("winograd", "onednn")}
+    x = x.contiguous(memory_format=torch.channels_last)
+    candidates = {name: (keys[name], lambda unit=unit: unit(x, folded, residual, relu))
+                  for name, unit in (("winograd", winograd_unit), ("onednn", onednn_unit))}
+    chosen, times = cpu_select.fastest(candidates)
+    return chosen, "measured: " + cpu_select.describe_times(times, chosen)
+
+
 def conv_bias_act(x: torch.Tensor, folded: FoldedConv, residual: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     """Inference unit: ``relu(conv2d(x, folded.weight, folded.bias) + residual)``.
 
     Equivalent PyTorch: ``relu(conv2d(x, folded.weight, folded.bias, **geometry) + residual)``.
 
-    * CPU float32 3x3 stride 1 (the residual blocks' main convolution): resnet_fast's Winograd
-      F(2x2, 3x3) kernel with bias, residual and ReLU fused into its output transform, on a
-      weight transformed once (cached in ``folded.packed["winograd"]``); output channels_last.
-      See :func:`cpu_conv3x3_algorithm`.
+    * CPU float32 3x3 stride 1 (the residual blocks' main convolution): resnet_fast's Winograd kernel
+      (:func:`winograd_unit`) or oneDNN's, whichever :func:`choose_conv3x3` measured faster.
     * Other CPU float32 (and bfloat16 where oneDNN supports it on this CPU): one oneDNN
       convolution with the bias and residual add as post-ops (ReLU in place after it), on a weight
       pre-packed once (cached in ``folded.packed["mkldnn"]``). Channels_last is the
       working layout: an NCHW input/residual is converted once, and the output is
       channels_last whatever the input's format (keep activations channels_last
       to avoid the conversion).
-    * Otherwise (CUDA, other dtypes, no oneDNN): vendor conv without bias, then one
-      fused ``bn_act_forward`` pass for bias + residual + ReLU (output in y's format).
+    * Otherwise (CUDA, other dtypes, no oneDNN): :func:`epilogue_unit`.
     * When autograd needs gradients through the unit, the differentiable reference path.
+
+    A model's CPU execution plan (``resnet_fast.models.plan``) calls the kernels directly instead.
     """
     if _needs_grad(x, folded.weight, folded.bias, residual):
+        trace.record("reference", "autograd needs gradients through the unit")
         return reference.conv_bias_act(x, folded, residual, relu)
-    if _winograd_eligible(x, folded, residual):
-        bias = folded.bias.detach().to(torch.float32)
-        return _ops.winograd_conv3x3(x, _winograd_packed_weight(folded), bias, residual, relu)
+    why = "rule: oneDNN conv with bias and add post-ops, the only fused kernel for this shape and dtype"
+    if winograd_shape(x, folded, residual):
+        kernel, why = choose_conv3x3(x, folded, residual, relu)
+        if kernel == "winograd":
+            trace.record("winograd", why)
+            return winograd_unit(x, folded, residual, relu)
     out = _conv_bias_act_mkldnn(x, folded, residual, relu)
     if out is not None:
+        trace.record("onednn", why)
         return out
-    y = reference.conv2d(x, folded.weight, None, folded.geometry)
-    bias = folded.bias.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
-    return _ops.bn_act_forward(y, None, bias, residual, relu)
+    trace.record("vendor+epilogue", f"{x.device.type} {str(x.dtype).replace('torch.', '')}: vendor conv, then the "
+                 "fused bias + residual + ReLU kernel")
+    return epilogue_unit(x, folded, residual, relu)
 
 
 class _BnActTrain(torch.autograd.Function):
@@ -272,6 +301,9 @@ def conv_bn_act_train(
     (``resnet_fast.ops.cpu_conv``); elsewhere ``F.conv2d``. Equivalent PyTorch: see
     ``resnet_fast.ops.conv_bn_act_train``.
     """
-    conv = cpu_conv.conv2d if x.device.type == "cpu" else reference.conv2d
-    y = conv(x, weight, conv_bias, geometry)
+    if x.device.type == "cpu":
+        y = cpu_conv.conv2d(x, weight, conv_bias, geometry)
+    else:
+        trace.record("vendor+bn_act_train", "vendor conv, then the fused batch-statistics BN + add + ReLU kernels")
+        y = reference.conv2d(x, weight, conv_bias, geometry)
     return bn_act_train(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps, residual, relu)

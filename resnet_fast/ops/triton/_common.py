@@ -5,10 +5,11 @@ Nothing here initialises CUDA; ``triton`` itself is imported by the kernel files
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 import torch
+
+from resnet_fast import settings
 
 #: Tests set this to fill every output a host function allocates with NaN before
 #: its kernel runs, so an element the kernel forgets to write fails the comparison.
@@ -24,7 +25,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings.triton_interpreted()
 
 
 def conv_allows_tf32() -> bool:

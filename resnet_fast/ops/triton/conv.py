@@ -17,7 +17,6 @@ Reference -> kernel -> host function -> ops -> public function.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from resnet_fast import settings
 from resnet_fast.ops.triton import _common
 from resnet_fast.ops.triton._rounding import round_to_bf16_grid
 from resnet_fast.ops.triton.bn_act import relu_keep_nan
@@ -288,14 +288,11 @@ FORCED_CONFIG: Optional[triton.Config] = None
 
 #: ``RESNET_FAST_TRITON_AUTOTUNE=off`` runs :func:`untuned_config` everywhere (no benchmarking: quick
 #: test runs on a GPU, where first-time tuning of every shape costs minutes); ``full`` (default) tunes.
-AUTOTUNE_ENV = "RESNET_FAST_TRITON_AUTOTUNE"
+AUTOTUNE_ENV = settings.setting("triton_autotune").env
 
 
 def autotune_enabled() -> bool:
-    mode = os.environ.get(AUTOTUNE_ENV, "full").strip().lower()
-    if mode not in ("full", "off"):
-        raise ValueError(f"{AUTOTUNE_ENV}={mode!r}: expected full or off")
-    return mode == "full"
+    return settings.value("triton_autotune") == "full"
 
 
 #: Autotune keys tuned in this process. Under CUDA graph capture an untuned layer runs a fixed

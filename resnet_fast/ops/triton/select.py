@@ -25,10 +25,11 @@ from typing import Callable, Optional
 
 import torch
 
+from resnet_fast import settings
 from resnet_fast.ops.triton import _common
 
-MODE_ENV = "RESNET_FAST_TRITON_SELECT"
-CACHE_DIR_ENV = "RESNET_FAST_CACHE_DIR"
+MODE_ENV = settings.setting("triton_select").env
+CACHE_DIR_ENV = settings.setting("cache_dir").env
 DEFAULT_CANDIDATE = "triton"
 
 _winners: dict[str, str] = {}
@@ -39,8 +40,7 @@ _lock = threading.Lock()
 
 
 def cache_path() -> Path:
-    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "resnet_fast")
-    return Path(root) / "triton_select.json"
+    return Path(settings.cache_dir()) / "triton_select.json"
 
 
 def _version_tag() -> str:
@@ -136,11 +136,11 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], device: torch.
     Candidates must be free of side effects (no running-stat updates): they are run
     several times while timing.
     """
-    mode = os.environ.get(MODE_ENV, "measure").strip().lower()
+    mode = settings.value("triton_select")
     if mode in candidates:
         return mode
     if mode != "measure":
-        raise ValueError(f"{MODE_ENV}={mode!r}: expected measure, {' or '.join(candidates)}")
+        raise ValueError(f"{MODE_ENV}={mode!r}: this layer's candidates are {', '.join(candidates)}")
     if not _timeable_device(device):
         return DEFAULT_CANDIDATE
     if _compiling():
