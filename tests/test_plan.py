@@ -296,3 +296,17 @@ def test_import_does_not_load_the_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert resnet_fast.__name__ == "resnet_fast"
+
+
+def test_bfloat16_model_runs_a_planned_onednn_trunk():
+    tv, fast = _pair()
+    fast.bfloat16()
+    x = _images()
+    with torch.no_grad():
+        plan = fast.explain(x.bfloat16())
+        out = fast(x.bfloat16())
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        stock = copy.deepcopy(tv).bfloat16()(x.bfloat16())
+    assert plan.kind == "planned trunk" and plan.layout == "channels_last", plan.why
+    assert {row["kernel"] for row in plan.rows()} == {"onednn"}, plan.rows()
+    assert_tolerance(out, ref64, stock, "resnet18 bfloat16 planned trunk")

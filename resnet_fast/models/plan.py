@@ -4,10 +4,10 @@ A plan is built on the first call with a given model structure, input (shape, dt
 memory format), grad mode, train/eval mode, autocast state, backend pins and settings, kept on
 the model, and rebuilt when any of those changes. Two kinds:
 
-* **planned trunk** (CPU float32 inference on the ``extension`` backend, every unit folded):
-  each unit's kernel is chosen here, once: oneDNN (conv + bias + add post-ops), the Winograd
-  kernel, or, with the residual stages on 8-channel blocks, the blocked Winograd or direct
-  kernel. Where several can run a unit, each is timed once per shape (``resnet_fast.ops.cpu_select``,
+* **planned trunk** (CPU float32 or bfloat16 inference on the ``extension`` backend, every unit
+  folded): each unit's kernel is chosen here, once: oneDNN (conv + bias + add post-ops), the
+  Winograd kernel, or, with the residual stages on 8-channel blocks, the blocked Winograd or direct
+  kernel (float32; bfloat16 runs oneDNN's bf16 convolutions with fp32 accumulation). Where several can run a unit, each is timed once per shape (``resnet_fast.ops.cpu_select``,
   shared across layers and models) and the fastest runs; the layout of the residual stages is
   the one whose units sum to less. ``RESNET_FAST_CPU_BLOCKED`` / ``RESNET_FAST_CPU_CONV3X3`` force
   a choice. Running the plan decides nothing: it calls the chosen kernels in order.
@@ -59,6 +59,8 @@ def kernel_function(name: str) -> Callable:
 def _blocked() -> ModuleType:
     return importlib.import_module("resnet_fast.ops.blocked")
 _WINOGRAD_KERNELS = ("winograd", "blocked_winograd")
+# bfloat16 has one kernel per unit (oneDNN's); the package's own kernels are float32.
+PLANNED_DTYPES = (torch.float32, torch.bfloat16)
 _PLANS_KEPT = 8
 
 
@@ -144,7 +146,7 @@ class ExecutionPlan:
 
 
 def _run_unit(unit: Unit, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-    folded = folded_conv(unit.conv, unit.norm, torch.float32)
+    folded = folded_conv(unit.conv, unit.norm, x.dtype)
     if unit.kernel == "blocked_direct":
         # The trunk owns every block input it passes as a residual: the result may overwrite it.
         return _blocked().direct_unit(x, folded, residual, unit.relu, overwrite_residual=True)
@@ -269,7 +271,7 @@ def _signature(model: nn.Module, x: Tensor) -> str:
 
 def _trunk_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     """None when the planned trunk gives what calling the modules gives; else why it cannot run."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32):
+    if not (x.device.type == "cpu" and x.dtype in PLANNED_DTYPES):
         return f"{x.device.type} {str(x.dtype).replace('torch.', '')}: kernels chosen per call by the backend"
     if x.shape[0] == 0:
         return "an empty batch"
@@ -296,8 +298,8 @@ def _trunk_blocker(model: nn.Module, x: Tensor) -> Optional[str]:
     for name, conv, norm, _, _ in _unit_modules(model):
         if not isinstance(conv, nn.Conv2d) or norm_kind(norm) == "unfused" or not folds(norm):
             return f"{name}'s norm layer is not folded in this mode"
-        if conv.weight.dtype != torch.float32 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            return f"{name} is not a float32 zero-padded convolution"
+        if conv.weight.dtype != x.dtype or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return f"{name} is not a zero-padded convolution of the input's dtype"
     return None
 
 
@@ -370,14 +372,40 @@ def build_plan(model: nn.Module, x: Tensor) -> ExecutionPlan:
     start = time.perf_counter()
     stem, blocks = shaped
     timed_before = len(cpu_select._seconds)
-    layout, why = _choose_kernels(model, stem, blocks)
+    layout, why = _choose_kernels(model, stem, blocks, _Timing(x.dtype))
     return ExecutionPlan(signature, "planned trunk", why, stem, blocks, layout,
                          planning_seconds=time.perf_counter() - start,
                          kernels_timed=len(cpu_select._seconds) - timed_before)
 
 
-def _candidates(unit: Unit, layout: str) -> tuple[list[str], str]:
+@dataclass
+class _Timing:
+    """What the timing of one plan shares: the dtype, and random inputs made once per shape."""
+
+    dtype: torch.dtype
+    inputs: dict = field(default_factory=dict)
+
+    def unit_inputs(self, unit: Unit, layout: str) -> tuple[Tensor, Optional[Tensor]]:
+        key = (unit.in_shape, unit.out_shape if unit.adds_identity else None, layout)
+        if key not in self.inputs:
+            generator = torch.Generator().manual_seed(0)  # a private generator: the global RNG is the user's
+            x = torch.randn(unit.in_shape, generator=generator).to(self.dtype)
+            residual = torch.randn(unit.out_shape, generator=generator).to(self.dtype) if unit.adds_identity \
+                else None
+            if layout == BLOCKED:
+                x = _blocked().to_blocked(x)
+                residual = None if residual is None else _blocked().to_blocked(residual)
+            else:
+                x = x.contiguous(memory_format=torch.channels_last)
+                residual = None if residual is None else residual.contiguous(memory_format=torch.channels_last)
+            self.inputs[key] = (x, residual)
+        return self.inputs[key]
+
+
+def _candidates(unit: Unit, layout: str, dtype: torch.dtype) -> tuple[list[str], str]:
     """The kernels that may run ``unit`` in ``layout`` under the settings, and the rule if only one may."""
+    if dtype != torch.float32:
+        return ["onednn"], f"the only {str(dtype).replace('torch.', '')} kernel"
     winograd = _blocked().winograd_shape(unit.conv)
     forced = settings.value("cpu_conv3x3")
     if layout == CHANNELS_LAST:
@@ -392,54 +420,42 @@ def _candidates(unit: Unit, layout: str) -> tuple[list[str], str]:
     return kernels, rule
 
 
-def _timing_inputs(unit: Unit, layout: str, inputs: dict) -> tuple[Tensor, Optional[Tensor]]:
-    """Random input (and residual) of the unit's shapes in ``layout``, made once per shape."""
-    key = (unit.in_shape, unit.out_shape if unit.adds_identity else None, layout)
-    if key not in inputs:
-        generator = torch.Generator().manual_seed(0)  # a private generator: the global RNG is the user's
-        x = torch.randn(unit.in_shape, generator=generator).contiguous(memory_format=torch.channels_last)
-        residual = torch.randn(unit.out_shape, generator=generator).contiguous(
-            memory_format=torch.channels_last) if unit.adds_identity else None
-        if layout == BLOCKED:
-            x = _blocked().to_blocked(x)
-            residual = None if residual is None else _blocked().to_blocked(residual)
-        inputs[key] = (x, residual)
-    return inputs[key]
-
-
-def _unit_times(unit: Unit, layout: str, kernels: list[str], inputs: dict) -> dict[str, float]:
-    folded = folded_conv(unit.conv, unit.norm, torch.float32)
-    x, residual = _timing_inputs(unit, layout, inputs)
+def _unit_times(unit: Unit, layout: str, kernels: list[str], timing: _Timing) -> dict[str, float]:
+    folded = folded_conv(unit.conv, unit.norm, timing.dtype)
+    x, residual = timing.unit_inputs(unit, layout)
     g = folded.geometry
     times = {}
     for kernel in kernels:
         key = cpu_select.signature(kernel, unit.in_shape, folded.weight.shape, g.stride, g.padding,
-                                   residual is not None, unit.relu)
+                                   residual is not None, unit.relu, timing.dtype)
         run = kernel_function(kernel)
         times[kernel] = cpu_select.seconds(key, lambda run=run: run(x, folded, residual, unit.relu))
     return times
 
 
-def _choose_kernels(model: nn.Module, stem: Unit, blocks: list[Block]) -> tuple[str, str]:
-    """Set every unit's kernel and why; return the trunk's layout and why it was chosen."""
-    trunk = [u for block in blocks for u in ([block.downsample] if block.downsample else []) + block.main]
-    inputs: dict = {}
-    _choose_unit(stem, CHANNELS_LAST, inputs, always_time=False)
-
+def _layouts(model: nn.Module, dtype: torch.dtype) -> tuple[list[str], str]:
+    """The layouts the residual stages may run in, and the rule when only one may."""
+    if dtype != torch.float32:
+        return [CHANNELS_LAST], f"{str(dtype).replace('torch.', '')}: the blocked kernels are float32"
     forced = settings.value("cpu_blocked")
     blocked_reason = _blocked_blocker(model, _unit_modules(model))
-    if forced == "0" or blocked_reason is not None:
-        layouts = [CHANNELS_LAST]
-        layout_why = ("RESNET_FAST_CPU_BLOCKED=0" if forced == "0"
-                      else f"residual stages on channels_last: {blocked_reason}")
-        if forced == "1" and blocked_reason is not None:
-            layout_why = f"RESNET_FAST_CPU_BLOCKED=1 cannot apply: {blocked_reason}"
-    elif forced == "1":
-        layouts, layout_why = [BLOCKED], "RESNET_FAST_CPU_BLOCKED=1"
-    else:
-        layouts, layout_why = [CHANNELS_LAST, BLOCKED], ""
+    if forced == "1" and blocked_reason is not None:
+        return [CHANNELS_LAST], f"RESNET_FAST_CPU_BLOCKED=1 cannot apply: {blocked_reason}"
+    if forced == "0":
+        return [CHANNELS_LAST], "RESNET_FAST_CPU_BLOCKED=0"
+    if blocked_reason is not None:
+        return [CHANNELS_LAST], blocked_reason
+    if forced == "1":
+        return [BLOCKED], "RESNET_FAST_CPU_BLOCKED=1"
+    return [CHANNELS_LAST, BLOCKED], ""
 
-    choices = {layout: [_choose_unit(u, layout, inputs, always_time=len(layouts) > 1, record=False)
+
+def _choose_kernels(model: nn.Module, stem: Unit, blocks: list[Block], timing: _Timing) -> tuple[str, str]:
+    """Set every unit's kernel and why; return the trunk's layout and why it was chosen."""
+    trunk = [u for block in blocks for u in ([block.downsample] if block.downsample else []) + block.main]
+    _choose_unit(stem, CHANNELS_LAST, timing, always_time=False)
+    layouts, layout_why = _layouts(model, timing.dtype)
+    choices = {layout: [_choose_unit(u, layout, timing, always_time=len(layouts) > 1, record=False)
                         for u in trunk] for layout in layouts}
     if len(layouts) == 1:
         layout = layouts[0]
@@ -456,14 +472,14 @@ def _choose_kernels(model: nn.Module, stem: Unit, blocks: list[Block]) -> tuple[
     return layout, why
 
 
-def _choose_unit(unit: Unit, layout: str, inputs: dict, always_time: bool,
+def _choose_unit(unit: Unit, layout: str, timing: _Timing, always_time: bool,
                  record: bool = True) -> tuple[str, str, float]:
     """(kernel, why, seconds) for ``unit`` in ``layout``; seconds is 0 where nothing was timed."""
-    kernels, rule = _candidates(unit, layout)
+    kernels, rule = _candidates(unit, layout, timing.dtype)
     if len(kernels) == 1 and not always_time:
         kernel, why, seconds = kernels[0], rule if rule.startswith("RESNET") else "rule: " + rule, 0.0
     else:
-        times = _unit_times(unit, layout, kernels, inputs)
+        times = _unit_times(unit, layout, kernels, timing)
         kernel = min(times, key=times.get)
         if len(kernels) > 1:
             why = "measured: " + cpu_select.describe_times(times, kernel)

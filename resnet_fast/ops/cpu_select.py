@@ -38,10 +38,10 @@ _lock = threading.RLock()
 
 
 def signature(kernel: str, x_shape: tuple, weight_shape: tuple, stride: tuple, padding: tuple,
-              residual: bool, relu: bool) -> str:
+              residual: bool, relu: bool, dtype: torch.dtype = torch.float32) -> str:
     """The key of one kernel's time: everything the time depends on but the weights' values."""
-    return (f"{kernel} x{tuple(x_shape)} w{tuple(weight_shape)} s{tuple(stride)} p{tuple(padding)} "
-            f"r{int(residual)} a{int(relu)} t{torch.get_num_threads()}")
+    return (f"{kernel} {str(dtype).replace('torch.', '')} x{tuple(x_shape)} w{tuple(weight_shape)} "
+            f"s{tuple(stride)} p{tuple(padding)} r{int(residual)} a{int(relu)} t{torch.get_num_threads()}")
 
 
 def machine_tag() -> str:
