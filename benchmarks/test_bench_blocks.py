@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from resnet_fast.bench import available_backends, record_throughput, suite_device, synchronized
 from resnet_fast.nn import ConvBNAct
 from resnet_fast.nn.fused import folded_conv
 from resnet_fast.ops import blocked
+
+from _helpers import available_backends, record_throughput, suite_device, synchronized  # benchmarks/_helpers.py
 
 DEVICE = suite_device()
 ON_GPU = DEVICE.type == "cuda"

@@ -30,7 +30,9 @@ import pytest
 import torch
 
 from resnet_fast import bench
-from resnet_fast.bench import available_backends, record_throughput, suite_device, synchronized
+from resnet_fast.numerics import errors
+
+from _helpers import available_backends, record_throughput, suite_device, synchronized  # benchmarks/_helpers.py
 
 DEVICE = suite_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -145,7 +147,7 @@ def _run_model(benchmark: Any, setup_cache: Any, workload: Workload, provider: s
             setup_cache.get(("reference", workload), lambda: first_output)
         reference = setup_cache.get(("reference", workload),
                                     lambda: bench.eager_eval_runner(copy.deepcopy(model).eval(), images)())
-        info["max_abs_error"], info["relative_error"] = bench.output_errors(first_output, reference)
+        info["max_abs_error"], info["relative_error"] = errors(first_output, reference)
     benchmark.group = workload.group
     rounds, warmup = workload.rounds(setup_cache.build_seconds[key])
     benchmark.pedantic(synchronized(run, DEVICE), rounds=rounds, iterations=1, warmup_rounds=warmup)

@@ -4,6 +4,9 @@ A fused result passes when its error against the float64 reference is at most
 twice the error of the stock PyTorch path in the same dtype, plus a tiny
 absolute floor, measured both as max-abs error and as ``||out - ref|| / ||ref||``.
 NaN never passes.
+
+The rule itself lives in :mod:`resnet_fast.numerics` (the bench reports the same
+errors); this module turns it into assertions and adds the test-only output poisoning.
 """
 
 from __future__ import annotations
@@ -12,17 +15,11 @@ from typing import Optional
 
 import torch
 
+from resnet_fast.numerics import errors, tolerance_failure
+
+__all__ = ["POISON", "errors", "assert_tolerance", "poisoned_like", "poison_allocator"]
+
 POISON = float("nan")
-_FLOORS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-
-
-def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max abs error, relative L2 error) of ``out`` against ``ref``, computed in float64."""
-    diff = out.detach().double().cpu() - ref.detach().double().cpu()
-    max_abs = diff.abs().max().item() if diff.numel() else 0.0
-    norm = ref.detach().double().cpu().norm().item()
-    rel = diff.norm().item() / norm if norm > 0 else diff.norm().item()
-    return max_abs, rel
 
 
 def assert_tolerance(
@@ -34,27 +31,9 @@ def assert_tolerance(
     floor: Optional[float] = None,
 ) -> None:
     """Assert ``out`` is within ``factor`` x the stock path's error against ``ref64`` (+ floor)."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref64.shape)}"
-    nan = torch.isnan(out.detach())
-    if nan.any():
-        where = nan.nonzero()[0].tolist()
-        raise AssertionError(f"{name}: {int(nan.sum())} NaN values (first at index {where}); "
-                             "an unwritten (poisoned) output or an overflow")
-    floor = _FLOORS.get(out.dtype, 1e-6) if floor is None else floor
-    out_abs, out_rel = errors(out, ref64)
-    stock_abs, stock_rel = errors(stock, ref64)
-    scale = max(ref64.detach().abs().max().item(), 1.0) if ref64.numel() else 1.0
-    abs_limit = factor * stock_abs + floor * scale
-    rel_limit = factor * stock_rel + floor
-    if out_abs > abs_limit or out_rel > rel_limit:
-        diff = (out.detach().double().cpu() - ref64.detach().double().cpu()).abs()
-        worst = list(torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else []
-        worst = [int(i) for i in worst]
-        raise AssertionError(
-            f"{name} ({out.dtype}): max abs error {out_abs:.3e} (limit {abs_limit:.3e}), relative error "
-            f"{out_rel:.3e} (limit {rel_limit:.3e}); stock path errors {stock_abs:.3e} / {stock_rel:.3e}; "
-            f"worst element at index {worst}: got {out.detach().flatten()[diff.argmax()].item():.6g}, "
-            f"reference {ref64.detach().flatten()[diff.argmax()].item():.6g}")
+    failure = tolerance_failure(out, ref64, stock, name=name, factor=factor, floor=floor)
+    if failure is not None:
+        raise AssertionError(failure)
 
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any
 
+from resnet_fast.errors import CommandError
+
 __all__ = ["add_arguments", "run", "evaluate_checkpoint"]
 
 
@@ -47,12 +49,12 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
     from resnet_fast.models.resnet import BasicBlock, Bottleneck, FastResNet
     from resnet_fast.train import checkpoint as ckpt
     from resnet_fast.train.data import load_data
-    from resnet_fast.train.loop import _check_amp, evaluate, make_test_loader, resolve_device
+    from resnet_fast.train.loop import check_amp, evaluate, make_test_loader, resolve_device
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = resolve_device(device)
-    _check_amp(amp, torch_device)
+    check_amp(amp, torch_device)
     if backend is not None:
         backends.resolve(backend, torch_device)  # unknown or unavailable: fail now, saying why
     state = ckpt.load_checkpoint(path)
@@ -86,8 +88,6 @@ def evaluate_checkpoint(path: str, data: str | None = None, data_dir: str | None
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print one line per metric; write --json."""
-    from resnet_fast.cli import CommandError
-
     if args.data is not None:
         from resnet_fast.train.data import DATA_SETS
 

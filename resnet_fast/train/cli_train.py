@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from resnet_fast.errors import CommandError
+
 __all__ = ["add_arguments", "run", "config_from_args"]
 
 # Options that map one-to-one onto TrainConfig fields (None in argparse = "not given").
@@ -72,11 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The run's TrainConfig: defaults < checkpoint (when resuming) < options given on the command line."""
-    from resnet_fast.cli import CommandError
     from resnet_fast.models.resnet import ARCHITECTURES
     from resnet_fast.train import checkpoint as ckpt
     from resnet_fast.train.data import DATA_SETS
-    from resnet_fast.train.loop import MODEL_FIELDS, TrainConfig
+    from resnet_fast.train.config import MODEL_FIELDS, TrainConfig
 
     given = {name: getattr(args, name) for name in _CONFIG_OPTIONS if getattr(args, name, None) is not None}
     if "arch" in given and given["arch"] not in ARCHITECTURES:
@@ -110,7 +111,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Train; print the summary table; write --json. Returns the exit status."""
-    from resnet_fast.cli import CommandError
     from resnet_fast.train.loop import format_summary, train, write_json
 
     if args.workers < 0:
