@@ -10,6 +10,9 @@ Environment:
   CUDA_HOME                      CUDA toolkit root (default: detected, /usr/local/cuda preferred)
   RESNET_FAST_CPU_AVX2=0|1       compile the CPU kernels for AVX2+FMA+F16C (default: on for x86-64 build
                                  machines whose CPU has them; the built library then needs AVX2)
+  RESNET_FAST_CPU_AVX512=0|1     also compile the AVX-512 variants of the kernels in csrc/cpu/avx512/
+                                 (default: on whenever the baseline is AVX2; the build machine need not
+                                 have AVX-512: the library picks the variant at run time by CPUID)
 """
 
 from __future__ import annotations
@@ -78,7 +81,66 @@ def _cpu_vector_flags() -> list[str]:
             return portable
         if not all(re.search(rf"\b{feature}\b", flags) for feature in ("avx2", "fma", "f16c")):
             return portable
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return list(_AVX2_FLAGS)
+
+
+_AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# The AVX-512 variant (csrc/cpu/avx512/*.cpp): at::vec's AVX512 implementation, as ATen's own
+# AVX-512 kernels are built. Chosen at run time (csrc/cpu/isa_dispatch_cpu.cpp), so the build
+# machine need not have AVX-512.
+_AVX512_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+
+
+def _cpu_isa_variants(baseline_flags: list[str]) -> dict[str, list[str]]:
+    """Extra ISA variants to compile, {name: flags}: their sources are csrc/cpu/<name>/*.cpp."""
+    if baseline_flags != _AVX2_FLAGS or _env_flag("RESNET_FAST_CPU_AVX512") is False:
+        return {}
+    return {"avx512": _AVX512_FLAGS}
+
+
+def _variant_build_ext(base, variant_flags: dict[str, list[str]], baseline_flags: list[str]):
+    """``base`` (a BuildExtension class) that compiles csrc/cpu/<variant>/*.cpp with that variant's flags.
+
+    BuildExtension gives every C++ source of an extension the same flags (one ninja file). This
+    subclass compiles each variant's sources first, through the same compiler wrapper (ninja or not),
+    with the baseline's vector flags swapped for the variant's, and hands their objects to the link
+    as extra objects. Those come after the baseline's objects on the link line, so where both define
+    the same inline function of a shared header (torch's, the standard library's), the linker keeps
+    the baseline's copy: code outside the variant's own namespaces never runs the variant's instructions.
+    """
+
+    class VariantBuildExtension(base):
+        def build_extension(self, ext):
+            prefixes = {name: os.path.join("csrc", "cpu", name) + os.sep for name in variant_flags}
+            groups = {name: [s for s in ext.sources if os.path.normpath(s).startswith(prefix)]
+                      for name, prefix in prefixes.items()}
+            variant_sources = [s for group in groups.values() for s in group]
+            if not variant_sources:
+                return super().build_extension(ext)
+            original = (ext.sources, ext.extra_objects, ext.depends)
+            try:
+                objects = []
+                for name, sources in groups.items():
+                    if not sources:
+                        continue
+                    args = ext.extra_compile_args
+                    cxx = list(args["cxx"] if isinstance(args, dict) else args)
+                    cxx = [f for f in cxx if f not in baseline_flags] + variant_flags[name]
+                    postargs = dict(args, cxx=cxx) if isinstance(args, dict) else cxx
+                    print(f"resnet_fast: compiling the {name} variant: {' '.join(sources)}")
+                    objects += self.compiler.compile(sources, output_dir=self.build_temp,
+                                                     macros=ext.define_macros + [(m,) for m in ext.undef_macros or []],
+                                                     include_dirs=ext.include_dirs, debug=self.debug,
+                                                     extra_postargs=postargs, depends=ext.depends)
+                ext.sources = [s for s in ext.sources if s not in variant_sources]
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+                ext.depends = list(ext.depends or []) + variant_sources  # relink when only a variant changed
+                return super().build_extension(ext)
+            finally:
+                ext.sources, ext.extra_objects, ext.depends = original
+
+    return VariantBuildExtension
 
 
 def _openmp_flags(torch) -> list[str]:
@@ -126,8 +188,13 @@ def _extensions():
     sources = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/cpu/*.cpp"))]
     # at::vec headers carry CUDA-style `#pragma unroll`s that GCC ignores (and would warn about, per loop).
     openmp = _openmp_flags(torch)
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_vector_flags() + openmp
+    vector_flags = _cpu_vector_flags()
+    variants = _cpu_isa_variants(vector_flags)
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + vector_flags + openmp
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    for name in variants:
+        sources += [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob(f"csrc/cpu/{name}/*.cpp"))]
+        define_macros.append((f"RESNET_FAST_CPU_VARIANT_{name.upper()}", "1"))
     include_dirs = [str(ROOT / "csrc")]
     arch_list = ""
 
@@ -156,6 +223,9 @@ def _extensions():
         extra_link_args=openmp,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    if variants:
+        print(f"resnet_fast: CPU kernel variants {', '.join(['avx2'] + list(variants))} (chosen at run time)")
+        build_ext = _variant_build_ext(build_ext, variants, vector_flags)
     return [ext], {"build_ext": build_ext}
 
 

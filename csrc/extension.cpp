@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/activation_pool.h"
+#include "cpu/cpu_isa.h"
 
 // Variadic so that an architecture list with commas ("8.0,9.0+PTX") stays one string.
 #define RESNET_FAST_STRINGIFY_IMPL(...) #__VA_ARGS__
@@ -25,10 +26,21 @@ pybind11::dict build_info() {
 #endif
   info["cuda_archs"] = std::string(RESNET_FAST_STRINGIFY(RESNET_FAST_CUDA_ARCHS));
 #if defined(__AVX2__) && defined(__FMA__)
-  info["cpu_isa"] = std::string("avx2+fma");
+  info["cpu_isa"] = std::string("avx2+fma");  // the baseline every CPU kernel is compiled for
 #else
   info["cpu_isa"] = std::string("baseline");
 #endif
+  // The kernels compiled once per instruction set (winograd_conv3x3*, bn_act_*, batch_stats) and
+  // the one chosen at load by CPUID and RESNET_FAST_CPU_ISA (csrc/cpu/isa_dispatch_cpu.cpp).
+  const resnet_fast::CpuIsaInfo& isa = resnet_fast::cpu_isa_info();
+  pybind11::list variants;
+  for (const std::string& name : isa.variants) variants.append(name);
+  info["cpu_isa_variants"] = variants;
+  info["cpu_isa_requested"] = isa.requested;
+  info["cpu_isa_active"] = isa.active.empty() ? pybind11::object(pybind11::none()) : pybind11::str(isa.active);
+  info["cpu_isa_error"] = isa.error.empty() ? pybind11::object(pybind11::none()) : pybind11::str(isa.error);
+  info["cpu_has_avx512"] = isa.cpu_has_avx512;
+  info["winograd_panel_columns"] = isa.winograd_panel_columns;
 #ifdef _OPENMP
   info["cpu_parallel"] = std::string("openmp");  // at::parallel_for uses torch's OpenMP threads
 #else
@@ -43,7 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "resnet_fast compiled kernels: bn_act_forward, batch_stats, bn_act_train_forward, bn_act_backward "
           "(torch.ops.resnet_fast)";
   m.def("build_info", &build_info,
-        "How the extension was built: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, 'cpu_isa': str, "
-        "'cpu_parallel': str}");
+        "How the extension was built and which CPU kernels run: {'cpu': bool, 'cuda': bool, 'cuda_archs': str, "
+        "'cpu_isa': str, 'cpu_isa_variants': [str], 'cpu_isa_requested': str, 'cpu_isa_active': str | None, "
+        "'cpu_isa_error': str | None, 'cpu_has_avx512': bool, 'winograd_panel_columns': int, 'cpu_parallel': str}");
   resnet_fast::bind_activation_pool(m);
 }

@@ -108,8 +108,17 @@ def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, residual
 def _winograd_weight_fake(weight):
     torch._check(weight.dim() == 4, lambda: f"winograd_weight: weight must be (K, C, 3, 3), got {tuple(weight.shape)}")
     out_channels, in_channels = weight.shape[0], weight.shape[1]
-    panels = (out_channels + PANEL_COLUMNS - 1) // PANEL_COLUMNS
-    return weight.new_empty((WINOGRAD_POSITIONS, panels, in_channels, PANEL_COLUMNS), dtype=torch.float32)
+    columns = _winograd_panel_columns()
+    panels = (out_channels + columns - 1) // columns
+    return weight.new_empty((WINOGRAD_POSITIONS, panels, in_channels, columns), dtype=torch.float32)
+
+
+def _winograd_panel_columns() -> int:
+    """Panel width of the CPU kernels' packed Winograd weights: 16 (AVX2) or 32 (AVX-512), per the ISA
+    variant the extension chose at load (csrc/cpu/isa_dispatch_cpu.cpp)."""
+    from resnet_fast import _extension
+
+    return int(_extension.build_info().get("winograd_panel_columns") or PANEL_COLUMNS)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::winograd_conv3x3")

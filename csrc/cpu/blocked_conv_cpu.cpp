@@ -27,6 +27,7 @@
 #include "parallel_tasks.h"
 
 namespace resnet_fast {
+namespace RESNET_FAST_ISA {  // the baseline build only (cpu_isa.h): micro_kernel.h's names live there
 namespace {
 
 using at::Tensor;
@@ -369,11 +370,12 @@ void blocked_conv_add_cpu(const Tensor& x, const Tensor& packed_weight, const Te
 }
 
 }  // namespace
+}  // namespace RESNET_FAST_ISA
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("blocked_conv_weight", &blocked_conv_weight_cpu);
-  m.impl("blocked_conv", &blocked_conv_cpu);
-  m.impl("blocked_conv_add_", &blocked_conv_add_cpu);
+  m.impl("blocked_conv_weight", &RESNET_FAST_ISA::blocked_conv_weight_cpu);
+  m.impl("blocked_conv", &RESNET_FAST_ISA::blocked_conv_cpu);
+  m.impl("blocked_conv_add_", &RESNET_FAST_ISA::blocked_conv_add_cpu);
 }
 
 }  // namespace resnet_fast

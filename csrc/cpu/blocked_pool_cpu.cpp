@@ -14,6 +14,7 @@
 #include "micro_kernel.h"
 
 namespace resnet_fast {
+namespace RESNET_FAST_ISA {  // the baseline build only (cpu_isa.h): micro_kernel.h's names live there
 namespace {
 
 using at::Tensor;
@@ -66,9 +67,10 @@ Tensor max_pool_to_blocked_cpu(const Tensor& x, int64_t kernel, int64_t stride, 
 }
 
 }  // namespace
+}  // namespace RESNET_FAST_ISA
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("max_pool_to_blocked", &max_pool_to_blocked_cpu);
+  m.impl("max_pool_to_blocked", &RESNET_FAST_ISA::max_pool_to_blocked_cpu);
 }
 
 }  // namespace resnet_fast

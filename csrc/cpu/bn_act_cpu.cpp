@@ -7,14 +7,15 @@
 // bf16/fp16 widen to fp32 on load and round on store. Elementwise math is in
 // at::opmath_type (fp32 for fp32/bf16/fp16, fp64 for fp64); reductions sum short
 // blocks in that type and flush into fp64 (see kFlushVectors).
+//
+// Compiled once per ISA variant (cpu_isa.h; csrc/cpu/avx512/bn_act_cpu.cpp is the AVX-512 build, with
+// 16-lane vectors); isa_dispatch_cpu.cpp registers the ops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -22,10 +23,11 @@
 #include <vector>
 
 #include "bn_act.h"
+#include "cpu_isa.h"
 #include "lane_select_vec.h"
 
 namespace resnet_fast {
-
+namespace RESNET_FAST_ISA {
 namespace {
 
 using at::Tensor;
@@ -710,11 +712,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(const Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("bn_act_forward", &bn_act_forward_cpu);
-  m.impl("batch_stats", &batch_stats_cpu);
-  m.impl("bn_act_train_forward", &bn_act_train_forward_cpu);
-  m.impl("bn_act_backward", &bn_act_backward_cpu);
+void add_bn_act_kernels(CpuKernelTable& table) {
+  table.bn_act_forward = &bn_act_forward_cpu;
+  table.batch_stats = &batch_stats_cpu;
+  table.bn_act_train_forward = &bn_act_train_forward_cpu;
+  table.bn_act_backward = &bn_act_backward_cpu;
 }
 
+}  // namespace RESNET_FAST_ISA
 }  // namespace resnet_fast

@@ -1,5 +1,7 @@
 // The register-blocked matrix-product kernel of the CPU Winograd convolution (winograd_cpu.cpp):
-// 6 rows x 16 columns of float32 output per call, the panel layout its packed weights follow.
+// kPanelRows rows x 2 vectors of float32 output per call, the panel layout its packed weights follow.
+// AVX2: 6 rows x 16 columns; AVX-512: 12 rows x 32 columns. Per ISA variant (cpu_isa.h): everything
+// here is in resnet_fast::RESNET_FAST_ISA.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -7,18 +9,28 @@
 
 #include <cstdint>
 
+#include "cpu_isa.h"
+
 namespace resnet_fast {
+namespace RESNET_FAST_ISA {
 
 using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weight panel
+#if defined(CPU_CAPABILITY_AVX512)
+// Rows per call: 12 x 2 accumulators + 2 weight vectors = 26 of AVX-512's 32 registers (the row's
+// value is broadcast from memory inside the FMA). Twice the columns of AVX2's tile and twice the
+// rows: each weight vector loaded serves 12 FMAs instead of 6.
+constexpr int64_t kPanelRows = 12;
+#else
 // Rows per call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of AVX2's 16 registers.
 constexpr int64_t kPanelRows = 6;
+#endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// c[r][0:16] = sum_d a[r * lda + d] * panel[d][0:16] for 6 rows of `a` and one weight panel of
-// depth x 16 contiguous floats; c rows are ldc floats apart.
+// c[r][0:kPanelColumns] = sum_d a[r * lda + d] * panel[d][0:kPanelColumns] for kPanelRows rows of `a`
+// and one weight panel of depth x kPanelColumns contiguous floats; c rows are ldc floats apart.
 //
 // The accumulators are locals indexed only by unrolled constants, so they stay in registers
 // (indexing them at run time spills them to the stack), and the rows are addressed as one base
@@ -27,7 +39,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // (benchmarks/NOTES.md, CPU kernels 14).
 inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_t depth, float* c, int64_t ldc) {
   Vec acc[kPanelRows][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 16
   for (int r = 0; r < kPanelRows; ++r) {
     acc[r][0] = Vec(0.f);
     acc[r][1] = Vec(0.f);
@@ -35,14 +47,14 @@ inline void micro_kernel(const float* a, int64_t lda, const float* panel, int64_
   for (int64_t d = 0; d < depth; ++d) {
     const Vec b0 = Vec::loadu(panel + d * kPanelColumns);
     const Vec b1 = Vec::loadu(panel + d * kPanelColumns + Vec::size());
-#pragma GCC unroll 6
+#pragma GCC unroll 16
     for (int r = 0; r < kPanelRows; ++r) {
       const Vec value(a[r * lda + d]);
       acc[r][0] = at::vec::fmadd(value, b0, acc[r][0]);
       acc[r][1] = at::vec::fmadd(value, b1, acc[r][1]);
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 16
   for (int r = 0; r < kPanelRows; ++r) {
     acc[r][0].store(c + r * ldc);
     acc[r][1].store(c + r * ldc + Vec::size());
@@ -61,4 +73,5 @@ inline void store_partial(float* p, const Vec& v, int64_t count) {
   }
 }
 
+}  // namespace RESNET_FAST_ISA
 }  // namespace resnet_fast

@@ -11,26 +11,32 @@
 // Per task (a chunk of tiles x a range of output-channel panels), all in a per-thread workspace:
 //   1. input transform:  V[p] = B^T d B for each tile's 4x4 patch d, channels vectorised;
 //   2. 16 matrix products M[p] (tiles x K) = V[p] (tiles x C) * U[p] (C x K), U = G g G^T
-//      pre-packed once per layer (winograd_weight) in 16-column panels;
+//      pre-packed once per layer (winograd_weight) in panels of kPanelColumns output channels;
 //   3. output transform: out = act(A^T M A + bias + residual), stored channels_last.
+//
+// Compiled once per ISA variant (cpu_isa.h; csrc/cpu/avx512/winograd_cpu.cpp is the AVX-512 build):
+// AVX2 works on 8-lane vectors with 16-column panels, AVX-512 on 16-lane vectors with 32-column
+// panels, so a packed weight belongs to the variant that packed it (its last dimension says which).
+// isa_dispatch_cpu.cpp registers the ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <vector>
 
 #include "blocked_layout.h"
+#include "cpu_isa.h"
 #include "lane_select_vec.h"
 #include "micro_kernel.h"
 #include "parallel_tasks.h"
 
 namespace resnet_fast {
+namespace RESNET_FAST_ISA {
 namespace {
 
 using at::Tensor;
 constexpr int64_t kPositions = 16;  // 4x4 transform-domain points, one matrix product each
+constexpr const char* kIsaName = RESNET_FAST_ISA_NAME;
 // Workspace per task (V and M, float) aimed at a per-core L2; larger channel counts get the
 // minimum tile count instead, since the products then dominate the workspace traffic.
 constexpr int64_t kWorkspaceBudgetBytes = 512 << 10;
@@ -38,7 +44,7 @@ constexpr int64_t kMinTilesPerTask = 8 * kPanelRows;
 constexpr int64_t kMaxTilesPerTask = 40 * kPanelRows;
 
 // The weight transform U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-// in float64, packed as (16 positions, K panels, C, 16 output channels), zero beyond K.
+// in float64, packed as (16 positions, K panels, C, kPanelColumns output channels), zero beyond K.
 Tensor winograd_weight_cpu(const Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_weight: weight must be (K, C, 3, 3), got shape ", weight.sizes());
@@ -93,6 +99,39 @@ inline TileOrigin tile_origin(const Geometry& geo, int64_t tile) {
   return {tile / per_image, 2 * (in_image / geo.tiles_w), 2 * (in_image % geo.tiles_w)};
 }
 
+// Vec::size() channels from channel c on of one pixel (pixel: its first channel), count of them
+// (fewer only at the end). channels_last has them contiguous; 8-channel blocks too for 8-lane vectors,
+// while a 16-lane vector takes two blocks, H * W * 8 floats apart (unless H * W == 1).
+inline Vec load_channels(const float* pixel, const ActivationLayout& layout, int64_t c, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(Vec::size() == 2 * kChannelBlock, "a 16-lane vector spans two channel blocks");
+  if (layout.block_stride != kChannelBlock) {
+    const float* low = pixel + layout.channel(c);
+    if (count <= kChannelBlock) return Vec::loadu(low, count);
+    const float* high = pixel + layout.channel(c + kChannelBlock);
+    const __mmask8 high_lanes = static_cast<__mmask8>((1u << (count - kChannelBlock)) - 1);
+    return _mm512_insertf32x8(_mm512_zextps256_ps512(_mm256_loadu_ps(low)), _mm256_maskz_loadu_ps(high_lanes, high),
+                              1);
+  }
+#endif
+  return load_partial(pixel + layout.channel(c), count);
+}
+
+inline void store_channels(float* pixel, const ActivationLayout& layout, int64_t c, const Vec& v, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (layout.block_stride != kChannelBlock) {
+    float* low = pixel + layout.channel(c);
+    if (count <= kChannelBlock) return v.store(low, count);
+    const __m512 value = v;
+    const __mmask8 high_lanes = static_cast<__mmask8>((1u << (count - kChannelBlock)) - 1);
+    _mm256_storeu_ps(low, _mm512_castps512_ps256(value));
+    _mm256_mask_storeu_ps(pixel + layout.channel(c + kChannelBlock), high_lanes, _mm512_extractf32x8_ps(value, 1));
+    return;
+  }
+#endif
+  store_partial(pixel + layout.channel(c), v, count);
+}
+
 // V[p][t][0:C] for one tile: B^T d B over its 4x4 input patch (zeros outside the image).
 void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin, float* v, int64_t position_stride) {
   const float* patch[4][4];
@@ -109,7 +148,7 @@ void transform_input_tile(const float* x, const Geometry& geo, TileOrigin origin
     Vec d[4][4];
     for (int i = 0; i < 4; ++i) {
       for (int j = 0; j < 4; ++j) {
-        d[i][j] = patch[i][j] ? load_partial(patch[i][j] + geo.in.channel(c), count) : Vec(0.f);
+        d[i][j] = patch[i][j] ? load_channels(patch[i][j], geo.in, c, count) : Vec(0.f);
       }
     }
     // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], applied to columns then rows.
@@ -155,11 +194,11 @@ void transform_output_tile(const float* m, int64_t position_stride, const Geomet
       const Vec y[2] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2] - s[i][3]};
       for (int j = 0; j < 2; ++j) {
         if (j == 1 && !second_col) break;
-        const int64_t offset = pixel + i * geo.out.row_stride + j * geo.out.pixel_stride + geo.out.channel(k);
+        const int64_t offset = pixel + i * geo.out.row_stride + j * geo.out.pixel_stride;
         Vec value = y[j] + b;
-        if constexpr (kResidual) value = value + load_partial(residual + offset, count);
+        if constexpr (kResidual) value = value + load_channels(residual + offset, geo.out, k, count);
         if constexpr (kRelu) value = LaneSelect<Vec>::relu_keep_nan(value);
-        store_partial(out + offset, value, count);
+        store_channels(out + offset, geo.out, k, value, count);
       }
     }
   }
@@ -238,7 +277,8 @@ void check_weight_and_bias(const char* op, int64_t in_channels, const Tensor& pa
   TORCH_CHECK(packed_weight.dim() == 4 && packed_weight.size(0) == kPositions &&
                   packed_weight.size(2) == in_channels && packed_weight.size(3) == kPanelColumns,
               op, ": packed_weight must come from winograd_weight for ", in_channels, " input channels (shape (",
-              kPositions, ", panels, ", in_channels, ", ", kPanelColumns, ")), got shape ", packed_weight.sizes());
+              kPositions, ", panels, ", in_channels, ", ", kPanelColumns, "), the panel width of the ",
+              kIsaName, " kernels this process runs), got shape ", packed_weight.sizes());
   TORCH_CHECK(packed_weight.device().is_cpu() && packed_weight.scalar_type() == at::kFloat &&
                   packed_weight.is_contiguous(),
               op, ": packed_weight must be a contiguous float32 CPU tensor");
@@ -334,10 +374,12 @@ Tensor winograd_conv3x3_blocked_cpu(const Tensor& x, const Tensor& packed_weight
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("winograd_weight", &winograd_weight_cpu);
-  m.impl("winograd_conv3x3", &winograd_conv3x3_cpu);
-  m.impl("winograd_conv3x3_blocked", &winograd_conv3x3_blocked_cpu);
+void add_winograd_kernels(CpuKernelTable& table) {
+  table.winograd_weight = &winograd_weight_cpu;
+  table.winograd_panel_columns = kPanelColumns;
+  table.winograd_conv3x3 = &winograd_conv3x3_cpu;
+  table.winograd_conv3x3_blocked = &winograd_conv3x3_blocked_cpu;
 }
 
+}  // namespace RESNET_FAST_ISA
 }  // namespace resnet_fast
