@@ -11,6 +11,8 @@ request the CPU cannot meet is tested through a seam that hides AVX-512 from the
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,35 @@ def test_unknown_isa_value_is_a_clear_error():
     assert probe["active"] is None
     assert probe["error"] == "RESNET_FAST_CPU_ISA must be auto, avx2 or avx512, got 'sse9'", probe
     assert probe["op_error"] is not None and "must be auto, avx2 or avx512" in probe["op_error"], probe
+
+
+# Registers and forms only AVX-512 has (EVEX): zmm, the opmask registers, xmm/ymm 16-31, broadcasts.
+_AVX512_MARKERS = re.compile(r"%zmm|\{%k[1-7]\}|\bk(mov|or|and|not|shift)[a-z]*\s|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to\d+\}")
+
+
+def test_avx512_instructions_stay_in_the_avx512_variant():
+    """The baseline never runs an AVX-512 instruction, so the library works on AVX2-only CPUs.
+
+    Both builds compile the same shared inline code (torch's headers, the standard library); setup.py
+    links the variant's objects last, so the linker keeps the baseline's copy of each. Only functions
+    of the variant's own namespaces (resnet_fast::avx512, at::vec::AVX512) may hold AVX-512 code.
+    """
+    if "avx512" not in INFO["cpu_isa_variants"]:
+        pytest.skip("this build has no avx512 variant")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) not installed")
+    library = _extension.extension().__file__
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", library], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+    offenders, variant_functions, function = set(), set(), None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line[line.find("<") + 1:-2]
+            continue
+        if function and _AVX512_MARKERS.search(line):
+            in_variant = "avx512" in function or "AVX512" in function
+            (variant_functions if in_variant else offenders).add(function)
+    assert variant_functions, "no AVX-512 code found at all: is the avx512 variant compiled with its flags?"
+    assert not offenders, (f"{len(offenders)} functions outside the avx512 variant hold AVX-512 instructions, "
+                           "e.g. " + "; ".join(sorted(offenders)[:5]))
