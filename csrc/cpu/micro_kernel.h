@@ -1,6 +1,6 @@
 // The register-blocked matrix-product kernel of the CPU Winograd convolution (winograd_cpu.cpp):
 // kPanelRows rows x 2 vectors of float32 output per call, the panel layout its packed weights follow.
-// AVX2: 6 rows x 16 columns; AVX-512: 12 rows x 32 columns. Per ISA variant (cpu_isa.h): everything
+// AVX2: 6 rows x 16 columns; AVX-512: 8 rows x 32 columns. Per ISA variant (cpu_isa.h): everything
 // here is in resnet_fast::RESNET_FAST_ISA.
 #pragma once
 
@@ -18,10 +18,11 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kPanelColumns = 2 * Vec::size();  // output channels per weight panel
 #if defined(CPU_CAPABILITY_AVX512)
-// Rows per call: 12 x 2 accumulators + 2 weight vectors = 26 of AVX-512's 32 registers (the row's
-// value is broadcast from memory inside the FMA). Twice the columns of AVX2's tile and twice the
-// rows: each weight vector loaded serves 12 FMAs instead of 6.
-constexpr int64_t kPanelRows = 12;
+// Rows per call: 8 x 2 accumulators + 2 weight vectors + 1 broadcast = 19 of AVX-512's 32 registers;
+// 16 independent FMA chains cover two 512-bit FMA units' latency. 12 rows (27 registers) were no
+// faster on Zen 4, whose AVX-512 FMAs are double-pumped 256-bit ones (benchmarks/NOTES.md), and
+// pad partial chunks more.
+constexpr int64_t kPanelRows = 8;
 #else
 // Rows per call: 6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of AVX2's 16 registers.
 constexpr int64_t kPanelRows = 6;

@@ -40,8 +40,13 @@ constexpr const char* kIsaName = RESNET_FAST_ISA_NAME;
 // Workspace per task (V and M, float) aimed at a per-core L2; larger channel counts get the
 // minimum tile count instead, since the products then dominate the workspace traffic.
 constexpr int64_t kWorkspaceBudgetBytes = 512 << 10;
-constexpr int64_t kMinTilesPerTask = 8 * kPanelRows;
-constexpr int64_t kMaxTilesPerTask = 40 * kPanelRows;
+// In tiles, not micro-kernel calls, so both ISA variants use the same workspace: with a 12-row
+// AVX-512 tile, a floor of 8 calls (96 tiles) put V, M and the weights of a 64-channel layer past a
+// 1 MB L2.
+constexpr int64_t kMinTilesPerTask = 48;
+constexpr int64_t kMaxTilesPerTask = 240;
+static_assert(kMinTilesPerTask % kPanelRows == 0 && kMaxTilesPerTask % kPanelRows == 0,
+              "task sizes are whole micro-kernel calls");
 
 // The weight transform U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
 // in float64, packed as (16 positions, K panels, C, kPanelColumns output channels), zero beyond K.
