@@ -2,7 +2,8 @@
 
 ``FastResNet.explain`` runs a pass inside ``recording()`` where a unit's kernel is chosen per call
 (training, CUDA, autocast, other dtypes), so what it prints is what ran. Outside a recording,
-:func:`record` costs one context-variable lookup.
+:func:`record` costs one context-variable lookup. While ``torch.compile`` traces, nothing is recorded
+(torch < 2.14 cannot trace ``ContextVar.get``; a compiled graph is not a recorded pass).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import contextlib
 import contextvars
 from typing import Iterator, Optional
 
+import torch
+
 _entries: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("resnet_fast_trace", default=None)
 
 
 def record(kernel: str, why: str) -> None:
     """Note that the unit being run uses ``kernel`` (``why``: the rule or the measured times)."""
+    if torch.compiler.is_compiling():
+        return
     entries = _entries.get()
     if entries is not None:
         entries.append((kernel, why))
@@ -23,6 +28,8 @@ def record(kernel: str, why: str) -> None:
 
 def recorded() -> int:
     """How many units have been recorded in the open recording (0 when none is open)."""
+    if torch.compiler.is_compiling():
+        return 0
     entries = _entries.get()
     return 0 if entries is None else len(entries)
 
@@ -40,4 +47,4 @@ def recording() -> Iterator[list]:
 
 def recording_open() -> bool:
     """Whether a recording is open (to skip building a ``why`` nobody reads)."""
-    return _entries.get() is not None
+    return not torch.compiler.is_compiling() and _entries.get() is not None
