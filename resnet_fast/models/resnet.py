@@ -309,7 +309,8 @@ class FastResNet(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"explain expects images of shape (N, 3, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        return _plan.explain(self, x)
+        with self.activation_pool.scope(x):  # plans are timed as forward times them: buffers pooled
+            return _plan.explain(self, x)
 
     def _stock_features(self, x: Tensor) -> Tensor:
         """torchvision's ``ResNet._forward_impl`` up to ``layer4``, module for module."""
