@@ -373,6 +373,7 @@ def build_plan(model: nn.Module, x: Tensor) -> ExecutionPlan:
     stem, blocks = shaped
     timed_before = len(cpu_select._seconds)
     layout, why = _choose_kernels(model, stem, blocks, _Timing(x.dtype))
+    cpu_select.flush()
     return ExecutionPlan(signature, "planned trunk", why, stem, blocks, layout,
                          planning_seconds=time.perf_counter() - start,
                          kernels_timed=len(cpu_select._seconds) - timed_before)

@@ -84,7 +84,7 @@ def _plain_square_max_pool(pool: torch.nn.Module) -> bool:
 
 
 def conv_supported(conv: torch.nn.Conv2d) -> bool:
-    """Whether :func:`conv_bias_act` can run this convolution (groups 1, no dilation, square
+    """Whether :func:`direct_unit` can run this convolution (groups 1, no dilation, square
     kernel up to 7x7, equal strides and zero paddings, channel counts in whole blocks)."""
     kernel_h, kernel_w = conv.kernel_size
     return (conv.groups == 1 and tuple(conv.dilation) == (1, 1) and kernel_h == kernel_w <= MAX_KERNEL

@@ -34,6 +34,7 @@ MAX_TIMED_RUNS = 8
 
 _seconds: dict[str, float] = {}
 _disk: Optional[dict[str, float]] = None
+_unsaved: dict[str, float] = {}  # measured with the disk cache on, not yet written (see flush)
 _lock = threading.RLock()
 
 
@@ -81,6 +82,14 @@ def _disk_times() -> dict[str, float]:
     return _disk
 
 
+def flush() -> None:
+    """Write the times measured since the last flush into the disk cache (one write per plan, not per kernel)."""
+    with _lock:
+        if _unsaved:
+            _save(dict(_unsaved))
+            _unsaved.clear()
+
+
 def _save(new_times: dict[str, float]) -> None:
     """Merge ``new_times`` into the file under this machine's tag; written whole, then renamed."""
     path = cache_path()
@@ -114,7 +123,8 @@ def known_seconds(key: str) -> Optional[float]:
 def seconds(key: str, run: Callable[[], object]) -> float:
     """Seconds per call of ``run`` (best of the timed runs after a warm-up), measured once per ``key``.
 
-    ``run`` must have no side effects beyond its result: it is called several times.
+    ``run`` must have no side effects beyond its result: it is called several times. With the disk
+    cache on, the time reaches the file at the next :func:`flush` (a plan and :func:`fastest` flush).
     """
     known = known_seconds(key)
     if known is not None:
@@ -133,13 +143,14 @@ def seconds(key: str, run: Callable[[], object]) -> float:
         _seconds[key] = best
         if settings.value("plan_cache") == "1":
             _disk_times()[key] = best
-            _save({key: best})
+            _unsaved[key] = best
     return best
 
 
 def fastest(candidates: dict[str, tuple[str, Callable[[], object]]]) -> tuple[str, dict[str, float]]:
     """The fastest of ``{name: (key, run)}`` and every candidate's seconds."""
     times = {name: seconds(key, run) for name, (key, run) in candidates.items()}
+    flush()
     return min(times, key=times.get), times
 
 
@@ -148,6 +159,7 @@ def forget() -> None:
     global _disk
     with _lock:
         _seconds.clear()
+        _unsaved.clear()
         _disk = None
 
 
